@@ -1,0 +1,162 @@
+"""Snapshots of named parameters (``WeightsCopy``) and cheap fingerprints of a whole model.
+
+A ``WeightsCopy`` clones exactly the parameters an edit will touch, restores them in place with
+``copy_`` (bit-exact in every dtype: never by subtracting a delta), verifies the restore bit for
+bit, and round-trips through a safetensors file.
+
+A fingerprint is two integer sums per tensor over its raw bits (``sum`` and ``sum of squares``
+of the bits read as integers): one pass over memory, no hashing, and any single changed element
+changes it. It is how the Editor proves that no undeclared parameter moved.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+class SnapshotError(RuntimeError):
+    """A snapshot does not fit the model, or a restore/verification failed."""
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's raw bits as a flat integer tensor (a view, no copy)."""
+    t = t.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    if t.dtype == torch.bool:
+        return t.reshape(-1).view(torch.uint8)
+    return t.reshape(-1).view(_INT_VIEW[t.element_size()])
+
+
+def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when shapes, dtypes and every bit agree (``-0.0 != 0.0``, NaN payloads compared)."""
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(_bits(a), _bits(b.to(a.device)))
+
+
+def tensor_fingerprint(t: torch.Tensor) -> tuple[int, int]:
+    """(sum, sum of squares) of the tensor's bits read as integers, in int64 with wrap-around."""
+    x = _bits(t).to(torch.int64)
+    return int(x.sum()), int((x * x).sum())
+
+
+def fingerprint(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, tuple[int, int]]:
+    """Fingerprint of every named parameter (or of ``names``), keyed by full parameter name."""
+    params = dict(model.named_parameters())
+    keys = params.keys() if names is None else names
+    return {n: tensor_fingerprint(params[n]) for n in keys}
+
+
+def model_digest(model: nn.Module) -> str:
+    """A short hex digest of the whole model's fingerprint, for keying on-disk caches by weights."""
+    h = hashlib.sha256()
+    for name, fp in sorted(fingerprint(model).items()):
+        h.update(f"{name}:{fp[0]}:{fp[1]};".encode())
+    return h.hexdigest()[:16]
+
+
+class WeightsCopy:
+    """Clones of named parameters, restorable into the model they came from.
+
+    Args:
+        tensors: parameter name -> cloned tensor (use ``take`` to build one from a model).
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor] | None = None) -> None:
+        self.tensors: dict[str, torch.Tensor] = dict(tensors or {})
+
+    @classmethod
+    def take(cls, model: nn.Module, names: Iterable[str], offload: bool = False) -> "WeightsCopy":
+        """Clone the named parameters, on their own device or on the CPU with ``offload``.
+
+        Raises:
+            SnapshotError: a name that is not a parameter of ``model``.
+        """
+        params = dict(model.named_parameters())
+        out = {}
+        for name in sorted(set(names)):
+            if name not in params:
+                raise SnapshotError(f"cannot snapshot {name!r}: not a parameter of {type(model).__name__}")
+            p = params[name].detach()
+            out[name] = p.to("cpu", copy=True) if offload else p.clone()
+        return cls(out)
+
+    # -- basic facts ------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.tensors)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cloned tensors."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def add(self, model: nn.Module, names: Iterable[str], offload: bool = False) -> list[str]:
+        """Snapshot the parameters in ``names`` that are not held yet; return the new names."""
+        new = [n for n in names if n not in self.tensors]
+        self.tensors.update(WeightsCopy.take(model, new, offload).tensors)
+        return sorted(new)
+
+    # -- restore and verify -------------------------------------------------------------------
+    def _check_fits(self, params: Mapping[str, torch.Tensor]) -> None:
+        for name, t in self.tensors.items():
+            if name not in params:
+                raise SnapshotError(f"snapshot holds {name!r}, which is not a parameter of the model")
+            p = params[name]
+            if p.shape != t.shape or p.dtype != t.dtype:
+                raise SnapshotError(
+                    f"snapshot of {name!r} is {tuple(t.shape)} {t.dtype}, model has {tuple(p.shape)} {p.dtype}")
+
+    @torch.no_grad()
+    def restore(self, model: nn.Module) -> None:
+        """Copy every held tensor back into the model, in place (``copy_``)."""
+        params = dict(model.named_parameters())
+        self._check_fits(params)
+        for name, t in self.tensors.items():
+            params[name].copy_(t)
+
+    def mismatches(self, model: nn.Module) -> list[str]:
+        """Names whose model value differs, bit for bit, from the held copy."""
+        params = dict(model.named_parameters())
+        return [n for n, t in sorted(self.tensors.items()) if not bit_equal(params[n], t)]
+
+    def verify(self, model: nn.Module) -> None:
+        """Raise ``SnapshotError`` naming every parameter that differs from the held copy."""
+        bad = self.mismatches(model)
+        if bad:
+            raise SnapshotError(f"restore verification failed: {len(bad)} parameter(s) differ: {bad}")
+
+    # -- files --------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """Write the held tensors to a safetensors file."""
+        save_file({n: t.detach().contiguous().cpu() for n, t in self.tensors.items()}, str(path))
+
+    @classmethod
+    def load(cls, path: str | Path, model: nn.Module | None = None) -> "WeightsCopy":
+        """Read a safetensors snapshot; with ``model``, check names, shapes and dtypes and move to its devices.
+
+        Raises:
+            SnapshotError: naming the first parameter that does not fit.
+        """
+        tensors = load_file(str(path))
+        wc = cls(tensors)
+        if model is not None:
+            params = dict(model.named_parameters())
+            try:
+                wc._check_fits(params)
+            except SnapshotError as exc:
+                raise SnapshotError(f"{path}: {exc}") from None
+            wc.tensors = {n: t.to(params[n].device) for n, t in tensors.items()}
+        return wc
