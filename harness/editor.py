@@ -46,7 +46,8 @@ class EditOutcome:
         targets: the declared parameter names.
         report: the algorithm's report.
         pre, post: probe measurements before and after the edit (None without probes).
-        timings: seconds for ``pre``, ``edit``, ``probe``, ``restore`` (restore includes verification).
+        timings: seconds for ``pre``, ``edit``, ``probe``, ``restore`` (copy back and bit-compare the
+            targets) and ``verify`` (fingerprint of every other parameter).
         snapshot_bytes: size of the snapshot taken for this edit.
     """
 
@@ -147,31 +148,33 @@ class Editor:
             ok = True
         finally:
             t = time.perf_counter()
-            if self.keep_original_weight or not ok:
-                self._put_back(self.weights_copy, state_before, targets)
+            rolling_back = self.keep_original_weight or not ok
+            if rolling_back:
+                self._put_back(self.weights_copy, state_before)
             else:
                 self._keep(targets)
             timings["restore"] = time.perf_counter() - t
+            t = time.perf_counter()
+            self._check_untouched(exclude=set() if rolling_back else targets)
+            if not rolling_back and self.verify_untouched:
+                self._expected.update(fingerprint(self.model, targets))
+            timings["verify"] = time.perf_counter() - t
         if not self.keep_original_weight:
             self.n_edits += len(batch)
         return EditOutcome(batch, tuple(sorted(targets)), report, pre, post, timings, self.weights_copy.nbytes)
 
     # ------------------------------------------------------------------------------------------
-    def _put_back(self, snap: WeightsCopy, state: dict[str, torch.Tensor], targets: set[str]) -> None:
+    def _put_back(self, snap: WeightsCopy, state: dict[str, torch.Tensor]) -> None:
         snap.restore(self.model)
         self.algorithm.load_state_dict(state)
         bad = snap.mismatches(self.model)
         if bad:
             raise RestoreError(f"restore verification failed for {bad}")
-        self._check_untouched(exclude=set())
 
     def _keep(self, targets: set[str]) -> None:
         for name in targets:  # the snapshot holds base values of names touched for the first time
             if name not in self.originals:
                 self.originals.tensors[name] = self.weights_copy.tensors[name]
-        self._check_untouched(exclude=targets)
-        if self.verify_untouched:
-            self._expected.update(fingerprint(self.model, targets))
 
     def _check_untouched(self, exclude: set[str]) -> None:
         if not self.verify_untouched:
