@@ -25,7 +25,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from harness.algorithms.base import EditAlgorithm
+from harness.algorithms.base import AlgorithmError, EditAlgorithm
+from harness.models import num_layers
 from harness.probes.base import Measurement, ProbeSuite
 from harness.snapshot import SnapshotError, WeightsCopy, fingerprint, tensor_fingerprint
 from harness.types import EditReport, EditRequest
@@ -105,7 +106,8 @@ class Editor:
         params = dict(self.model.named_parameters())
         unknown = sorted(targets - params.keys())
         if unknown:
-            raise RestoreError(f"{self.algorithm.name}: declared targets that are not parameters: {unknown}")
+            raise AlgorithmError(f"{self.algorithm.name} declared targets that are not parameters of this model "
+                                 f"({num_layers(self.model)} layers): {unknown}; check its layer/module hyperparameters")
         return targets
 
     def edit(self, requests: EditRequest | Sequence[EditRequest], pre: Measurement | None = None,

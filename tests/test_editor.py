@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from harness import EditRequest, Editor, RestoreError, apply_delta, create_algorithm
+from harness.algorithms.base import AlgorithmError
 from harness.algorithms.base import EditAlgorithm
 from harness.models import tiny_model
 from harness.probes.base import Measurement
@@ -145,7 +146,7 @@ def test_undeclared_write_is_caught_and_named(keep):
 
 def test_declared_target_that_is_not_a_parameter():
     model, tok = _fresh()
-    with pytest.raises(RestoreError, match="model.layers.7.mlp.down_proj.weight"):
+    with pytest.raises(AlgorithmError, match="model.layers.7.mlp.down_proj.weight"):
         Editor(model, tok, Scribble([DOWN.format(7)])).edit(REQ)
 
 

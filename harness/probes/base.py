@@ -27,12 +27,17 @@ class MetricInfo:
             (teacher-forced token accuracy) or ``generation``.
         version: bumped whenever the computation changes; reported in every row.
         higher_is_better: direction of improvement.
+        aggregate: how a summary combines cases: ``mean`` (mean of the per-case values) or
+            ``hmean`` (harmonic mean of the means of ``inputs``; no per-case value exists).
+        inputs: the metrics an ``hmean`` aggregate is computed from.
     """
 
     name: str
     protocol: str
     version: int
     higher_is_better: bool = True
+    aggregate: str = "mean"
+    inputs: tuple[str, ...] = ()
 
 
 @dataclass

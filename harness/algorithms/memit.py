@@ -1,0 +1,269 @@
+"""``memit``: Mass-Editing Memory in a Transformer (Meng et al., ICLR 2023), ALGORITHMS.md §2.
+
+One ``apply`` edits a batch of n requests across layers ``l_1 < ... < l_L``:
+
+1. Per request, a target hidden state ``z_j`` at the block output of the last edit layer ``l_L``
+   (``target.optimize_target(..., where="block")``): ``Z`` [d, n].
+2. Per layer ``l_i`` in increasing order, on the current, partially edited model:
+   ``K_i`` = template-averaged keys (input of the MLP output projection at the subject's last
+   token; two template groups ``[["{}"], [5 samples of length 10]]`` averaged within, then
+   across groups), ``H`` = block-``l_L`` output at the subject's last token of the bare prompts
+   (recomputed each layer), ``R_i = (Z − H) / (L − i + 1)``,
+   ``Δ_i = R_i K_iᵀ (λC_i + K_iK_iᵀ)⁻¹`` (``solve.memit_delta``, float64), written at once with
+   ``add_deltas`` so that later layers see it.
+
+The report gives the z losses, ‖Δ_i‖ per layer (``delta_norms``), the z error ‖Z − H‖ before each
+layer's update and after the last (``info["z_error.<layer>"]``, ``info["z_error.final"]``; it
+should shrink) and timings.
+
+C per layer and the context templates are computed once per instance from the model as it is at
+first use (in the runner's flows: the unedited model) and kept in the instance (``StatsCache``,
+``TemplateCache``); they are not *state*, since they depend only on the base model. A sequential
+run that resumes from a checkpoint must call ``prepare(model, tok)`` on the base model before
+``Editor.load_checkpoint``; otherwise they would come from the edited model.
+
+``AlphaEdit`` (alphaedit.py) subclasses ``Memit`` and replaces the per-layer solve.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from harness.algorithms.base import EditAlgorithm, add_deltas, register
+from harness.algorithms.locate import TemplateCache, compute_keys, hidden_of, model_device, subject_last_index
+from harness.algorithms.solve import memit_delta, to_param_layout
+from harness.algorithms.stats import StatsCache, StatsConfig
+from harness.algorithms.target import TargetHparams, optimize_target
+from harness.models import ModelSpec, get_module, model_spec, num_layers
+from harness.types import EditReport, EditRequest
+
+log = logging.getLogger(__name__)
+
+
+def _default_layers() -> list[int]:
+    # SmolLM2-135M (30 layers): the Llama anchors' 4-8 of 32, scaled (see conf/algorithm/memit.yaml).
+    return [3, 4, 5, 6, 7]
+
+
+@dataclass
+class SpreadHparams:
+    """Fields MEMIT and AlphaEdit share: layers, the z optimisation, templates, statistics C.
+
+    Attributes:
+        layers: edited layers, strictly increasing; z is optimised at the block output of the last.
+        v_num_grad_steps, v_lr, v_weight_decay, clamp_norm_factor, kl_factor, v_loss_layer,
+        v_early_stop_loss: the z optimisation (``target.TargetHparams``; ALGORITHMS.md §1 step 2
+            with the §2 differences); ``v_loss_layer`` None means the last layer.
+        context_template_length, context_template_count: the second template group (``count``
+            samples of ``length`` tokens); the first group is the bare ``"{}"``.
+        template_seed: seed of the template sampling.
+        mom2_source, mom2_n_samples, mom2_seq_len, mom2_batch_size, mom2_dtype, mom2_seed,
+        stats_dir: ``stats.StatsConfig`` of C = E[k kᵀ] (count-normalised).
+        fast_path: let the z optimisation skip the blocks below the last layer (same result).
+    """
+
+    layers: list[int] = field(default_factory=_default_layers)
+    v_num_grad_steps: int = 25
+    v_lr: float = 0.5
+    v_weight_decay: float = 1e-3
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    v_loss_layer: Optional[int] = None
+    v_early_stop_loss: float = 5e-2
+    context_template_length: int = 10
+    context_template_count: int = 5
+    template_seed: int = 0
+    mom2_source: str = "model"
+    mom2_n_samples: int = 1000
+    mom2_seq_len: int = 128
+    mom2_batch_size: int = 16
+    mom2_dtype: str = "float32"
+    mom2_seed: int = 0
+    stats_dir: Optional[str] = None
+    fast_path: bool = True
+
+    def __post_init__(self) -> None:
+        self.layers = [int(x) for x in self.layers]
+        if not self.layers:
+            raise ValueError("layers must name at least one layer")
+        if self.layers[0] < 0 or any(b <= a for a, b in zip(self.layers, self.layers[1:])):
+            raise ValueError(f"layers must be non-negative and strictly increasing, got {self.layers}")
+        if self.v_loss_layer is not None and self.v_loss_layer < self.layers[-1]:
+            raise ValueError(f"v_loss_layer ({self.v_loss_layer}) must be >= the last edit layer")
+        if self.context_template_length < 1 or self.context_template_count < 0:
+            raise ValueError("context_template_length must be >= 1 and context_template_count >= 0")
+        self.target_hparams()  # validates the optimisation fields
+        self.stats_config()  # validates the statistics fields
+
+    def target_hparams(self) -> TargetHparams:
+        return TargetHparams(num_grad_steps=self.v_num_grad_steps, lr=self.v_lr, weight_decay=self.v_weight_decay,
+                             clamp_norm_factor=self.clamp_norm_factor, kl_factor=self.kl_factor,
+                             loss_layer=self.v_loss_layer, early_stop_loss=self.v_early_stop_loss)
+
+    def stats_config(self) -> StatsConfig:
+        return StatsConfig(source=self.mom2_source, n_samples=self.mom2_n_samples, seq_len=self.mom2_seq_len,
+                           batch_size=self.mom2_batch_size, dtype=self.mom2_dtype, seed=self.mom2_seed,
+                           cache_dir=self.stats_dir)
+
+
+@dataclass
+class MemitHparams(SpreadHparams):
+    """MEMIT: the shared fields plus ``mom2_update_weight`` λ, the weight of λ·tr(ΔCΔᵀ)."""
+
+    mom2_update_weight: float = 15000.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mom2_update_weight < 0:
+            raise ValueError(f"mom2_update_weight must be >= 0, got {self.mom2_update_weight}")
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the needed block output is captured."""
+
+
+@torch.no_grad()
+def block_outputs(model: nn.Module, tok: Any, spec: ModelSpec, layer: int,
+                  requests: Sequence[EditRequest]) -> torch.Tensor:
+    """H: the block-``layer`` output at the subject's last token of each bare rewrite prompt.
+
+    Returns:
+        [d, n] float32 on the model's device.
+    """
+    idx = [subject_last_index(tok, r.prompt, r.subject) for r in requests]
+    captured: list[torch.Tensor] = []
+
+    def hook(_mod, _inp, out):
+        captured.append(hidden_of(out).detach())
+        raise _Stop  # the blocks above are not needed
+
+    handle = get_module(model, spec.layer.format(layer)).register_forward_hook(hook)
+    try:
+        enc = tok([r.rewrite_prompt for r in requests], return_tensors="pt", padding=True)
+        model(**enc.to(model_device(model)), use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    hidden = captured[0]
+    rows = torch.arange(len(idx), device=hidden.device)
+    return hidden[rows, torch.tensor(idx, device=hidden.device)].float().T
+
+
+@register("memit")
+class Memit(EditAlgorithm):
+    """MEMIT batch editing (see module docstring). Holds no edit-dependent state."""
+
+    Hparams = MemitHparams
+
+    def __init__(self, hparams: Any = None, **overrides: Any) -> None:
+        super().__init__(hparams, **overrides)
+        self.templates = TemplateCache()  # from the model at first use (the unedited one); survives restores
+        self.stats = StatsCache()  # C per layer, likewise
+
+    # -- contract ----------------------------------------------------------------------------
+    def targets(self, model: nn.Module, requests: Sequence[EditRequest]) -> set[str]:
+        spec, n = model_spec(model), num_layers(model)
+        bad = [layer for layer in self.hparams.layers if not 0 <= layer < n]
+        if bad:
+            raise ValueError(f"{self.name}: hparam layers={list(self.hparams.layers)} includes {bad}; "
+                             f"the model has layers 0..{n - 1}")
+        return {spec.mlp_out_weight(layer) for layer in self.hparams.layers}
+
+    def prepare(self, model: nn.Module, tok: Any) -> None:
+        """Compute what depends only on the base model (templates, C per layer) now.
+
+        ``apply`` calls it; call it yourself on the unedited model before ``Editor.load_checkpoint``
+        when resuming a sequential run.
+        """
+        self._check_layers(model)
+        self._context_templates(model, tok)
+        self.stats.get_many(model, tok, model_spec(model), self.hparams.layers, self.hparams.stats_config())
+
+    def apply(self, model: nn.Module, tok: Any, requests: Sequence[EditRequest]) -> EditReport:
+        t_start = time.perf_counter()
+        hp = self.hparams
+        spec = model_spec(model)
+        declared = self.targets(model, requests)
+        params = dict(model.named_parameters())
+        info: dict[str, Any] = {"n_requests": len(requests)}
+
+        t = time.perf_counter()
+        self.prepare(model, tok)
+        templates = self._context_templates(model, tok)
+        info["t_prepare"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        z, losses = self._optimize_z(model, tok, spec, requests, templates)
+        info["t_z"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        norms: dict[str, float] = {}
+        last = hp.layers[-1]
+        for i, layer in enumerate(hp.layers):
+            keys = compute_keys(model, tok, spec, layer, requests, templates).T  # [d_ff, n]
+            err = z - block_outputs(model, tok, spec, last, requests)  # [d, n]
+            info[f"z_error.{layer}"] = float(err.norm())
+            resid = err / (len(hp.layers) - i)
+            delta = self._layer_delta(model, tok, spec, layer, keys, resid)
+            name = spec.mlp_out_weight(layer)
+            norms.update(add_deltas(model, {name: to_param_layout(delta, params[name], spec.out_transposed)},
+                                    declared))
+            log.info("%s layer %d: |Z-H| %.4g, |delta| %.4g", self.name, layer, info[f"z_error.{layer}"], norms[name])
+        info["z_error.final"] = float((z - block_outputs(model, tok, spec, last, requests)).norm())
+        info["t_layers"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        info.update(self._after_batch(model, tok, spec, requests, templates))
+        info["t_after"] = time.perf_counter() - t
+        return EditReport(seconds=time.perf_counter() - t_start, losses=losses, delta_norms=norms, info=info)
+
+    # -- pieces AlphaEdit reuses or overrides ----------------------------------------------------
+    def _layer_delta(self, model: nn.Module, tok: Any, spec: ModelSpec, layer: int, keys: torch.Tensor,
+                     resid: torch.Tensor) -> torch.Tensor:
+        """Δ_i [d, d_ff] float64 for one layer: MEMIT's solve against λC_i."""
+        cov = self.stats.get(model, tok, spec, layer, self.hparams.stats_config())
+        return memit_delta(keys, resid, cov, self.hparams.mom2_update_weight)
+
+    def _after_batch(self, model: nn.Module, tok: Any, spec: ModelSpec, requests: Sequence[EditRequest],
+                     templates: list[list[str]]) -> dict[str, Any]:
+        """Runs after all layers are written (AlphaEdit accumulates C_p here). Returns report info."""
+        return {}
+
+    def _check_layers(self, model: nn.Module) -> None:
+        n = num_layers(model)
+        bad = [x for x in self.hparams.layers if x >= n]
+        if bad or (self.hparams.v_loss_layer is not None and self.hparams.v_loss_layer >= n):
+            raise ValueError(f"{self.name}: layers {bad or [self.hparams.v_loss_layer]} do not exist; "
+                             f"the model has {n} layers")
+
+    def _context_templates(self, model: nn.Module, tok: Any) -> list[list[str]]:
+        """MEMIT's two groups ``[["{}"], [samples]]`` (one group when no samples are asked for)."""
+        hp = self.hparams
+        flat = self.templates.get(model, tok, [[hp.context_template_length, hp.context_template_count]],
+                                  hp.template_seed)
+        return [flat[:1], flat[1:]] if len(flat) > 1 else [flat]
+
+    def _optimize_z(self, model: nn.Module, tok: Any, spec: ModelSpec, requests: Sequence[EditRequest],
+                    templates: list[list[str]]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Z [d, n]: the optimised block-output targets at the last layer, and loss summaries."""
+        hp = self.hparams
+        thp = hp.target_hparams()
+        cols, start, end = [], [], []
+        for req in requests:
+            res = optimize_target(model, tok, spec, req, hp.layers[-1], thp, templates, where="block",
+                                  fast=hp.fast_path)
+            cols.append(res.target.float())
+            start.append(res.losses[0])
+            end.append(res.losses[-1])
+            log.debug("%s z %s: loss %.3f -> %.3f in %d steps", self.name, req.case_id, res.losses[0],
+                      res.losses[-1], res.steps)
+        n = len(requests)
+        losses = {"z_loss_start": sum(start) / n, "z_loss_end": sum(end) / n, "z_loss_end_max": max(end)}
+        return torch.stack(cols, dim=1), losses

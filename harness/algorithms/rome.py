@@ -1,0 +1,231 @@
+"""``rome``: Rank-One Model Editing (Meng et al. 2022) with the r-ROME fix (Gupta et al. 2024), ALGORITHMS.md §1.
+
+One request edits the MLP output projection ``W`` (``v = W k``) of one layer with a rank-one update:
+
+1. key: ``k̄`` = the input of ``W`` at the subject's last token, averaged over the context templates
+   (``locate.compute_keys``); ``k0`` the same on the bare prompt.
+2. left vector ``u ∝ C⁻¹k`` (``mom2_adjustment``; else ``u ∝ k``), with C = E[k kᵀ] from
+   ``stats`` (computed once from the unedited model, kept by the instance).
+3. target value ``v* = v_init + δ`` by ``locate.optimize_target(where="mlp")``.
+4. ``ΔW = (v* − W k − b) uᵀ / (uᵀ k)``, written with ``add_deltas`` (transposed for GPT-2's Conv1D).
+
+``key_mode`` picks which key the update uses:
+  * ``r_rome`` (default; Rebuilding ROME, EasyEdit's default): ``k = k̄`` for u, the residual and the
+    denominator, so ``Ŵk̄ = v*`` exactly.
+  * ``original``: u from ``k̄`` but residual and denominator from ``k0`` (the anchor's asymmetric
+    use, which can produce "disabling edits" when ``uᵀk0`` is small); ``Ŵk0 = v*``.
+  * ``prompt`` (p-ROME): everything from ``k0``.
+
+Several requests in one call are applied one after another, each computed on the model as the
+previous ones left it (the anchor's multi-edit mode). The instance holds no edit-dependent state.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from harness.algorithms.base import EditAlgorithm, add_deltas, register
+from harness.algorithms.locate import TemplateCache, compute_keys
+from harness.algorithms.stats import StatsCache, StatsConfig
+from harness.algorithms.target import TargetHparams, optimize_target
+from harness.models import ModelSpec, get_module, model_spec, num_layers
+from harness.types import EditReport, EditRequest
+
+log = logging.getLogger(__name__)
+
+KEY_MODES = ("r_rome", "original", "prompt")
+
+
+def _default_length_params() -> list[list[int]]:
+    return [[5, 10], [10, 10]]
+
+
+@dataclass
+class RomeHparams:
+    """ROME / r-ROME hyperparameters (defaults: SmolLM2-135M; see conf/algorithm/rome.yaml).
+
+    Attributes:
+        layer: the edited layer.
+        v_num_grad_steps, v_lr, v_weight_decay, clamp_norm_factor, kl_factor, v_loss_layer: the
+            target optimisation (``locate.TargetHparams``); ``v_loss_layer`` None = last layer.
+        context_template_length_params: ``[[length, count], ...]`` of sampled context templates.
+        template_seed: seed of the template sampling.
+        key_mode: ``r_rome`` | ``original`` | ``prompt`` (module docstring).
+        mom2_adjustment: use ``u ∝ C⁻¹k`` (else ``u ∝ k``, EasyEdit's default).
+        mom2_source, mom2_n_samples, mom2_seq_len, mom2_batch_size, mom2_dtype, mom2_ridge,
+            mom2_seed, stats_dir: ``stats.StatsConfig`` of C (used only with ``mom2_adjustment``).
+        fast_path: let the target optimisation skip the blocks below ``layer`` (same result).
+    """
+
+    layer: int = 5
+    v_num_grad_steps: int = 25
+    v_lr: float = 0.5
+    v_weight_decay: float = 1e-3
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    v_loss_layer: Optional[int] = None
+    context_template_length_params: list[list[int]] = field(default_factory=_default_length_params)
+    template_seed: int = 0
+    key_mode: str = "r_rome"
+    mom2_adjustment: bool = False
+    mom2_source: str = "model"
+    mom2_n_samples: int = 1000
+    mom2_seq_len: int = 128
+    mom2_batch_size: int = 16
+    mom2_dtype: str = "float32"
+    mom2_ridge: float = 1e-3
+    mom2_seed: int = 0
+    stats_dir: Optional[str] = None
+    fast_path: bool = True
+
+    def __post_init__(self) -> None:
+        if self.layer < 0:
+            raise ValueError(f"layer must be >= 0, got {self.layer}")
+        if self.key_mode not in KEY_MODES:
+            raise ValueError(f"key_mode={self.key_mode!r} is not one of {KEY_MODES}")
+        self.context_template_length_params = [[int(x) for x in p] for p in self.context_template_length_params]
+        if any(len(p) != 2 or p[0] < 1 or p[1] < 0 for p in self.context_template_length_params):
+            raise ValueError("context_template_length_params must be [[length >= 1, count >= 0], ...], "
+                             f"got {self.context_template_length_params}")
+        self.target_hparams()  # validates the optimisation fields
+        if self.mom2_adjustment:
+            self.stats_config()  # validates the statistics fields
+
+    def target_hparams(self) -> TargetHparams:
+        return TargetHparams(num_grad_steps=self.v_num_grad_steps, lr=self.v_lr, weight_decay=self.v_weight_decay,
+                             clamp_norm_factor=self.clamp_norm_factor, kl_factor=self.kl_factor,
+                             loss_layer=self.v_loss_layer)
+
+    def stats_config(self) -> StatsConfig:
+        return StatsConfig(source=self.mom2_source, n_samples=self.mom2_n_samples, seq_len=self.mom2_seq_len,
+                           batch_size=self.mom2_batch_size, dtype=self.mom2_dtype, ridge=self.mom2_ridge,
+                           seed=self.mom2_seed, cache_dir=self.stats_dir)
+
+
+def rank_one_update(weight: torch.Tensor, bias: Optional[torch.Tensor], u: torch.Tensor, key: torch.Tensor,
+                    target: torch.Tensor) -> torch.Tensor:
+    """ΔW = (v* − W k − b) uᵀ / (uᵀ k), in float64, so that (W + ΔW) k + b = v*.
+
+    With ``u ∝ C⁻¹k*`` this is ROME's closed form, the C-weighted minimum-norm change that maps
+    ``k*`` to ``v*``; it leaves ``W x`` unchanged for every ``x`` with ``uᵀx = 0``.
+
+    Args:
+        weight: W as the map [d, d_ff] (already transposed for Conv1D).
+        bias: the projection's bias [d] or None.
+        u: [d_ff] left vector (any scale).
+        key: [d_ff] key k.
+        target: [d] target value v*.
+
+    Returns:
+        ΔW [d, d_ff] float64.
+
+    Raises:
+        ValueError: ``uᵀk`` is zero or not finite.
+    """
+    w = weight.to(torch.float64)
+    u, key, target = (t.to(device=w.device, dtype=torch.float64) for t in (u, key, target))
+    value = w @ key + (bias.to(w.device, torch.float64) if bias is not None else 0.0)
+    denom = u @ key
+    if not torch.isfinite(denom) or denom == 0:
+        raise ValueError(f"rank-one update: uᵀk = {float(denom)}")
+    return torch.outer(target - value, u) / denom
+
+
+@register("rome")
+class Rome(EditAlgorithm):
+    """ROME / r-ROME single-layer rank-one editing (see module docstring)."""
+
+    Hparams = RomeHparams
+
+    def __init__(self, hparams: Any = None, **overrides: Any) -> None:
+        super().__init__(hparams, **overrides)
+        self.templates = TemplateCache()  # from the unedited model, survives restores
+        self.stats = StatsCache()  # C from the unedited model, survives restores
+
+    def targets(self, model: nn.Module, requests: Sequence[EditRequest]) -> set[str]:
+        if not 0 <= self.hparams.layer < num_layers(model):
+            raise ValueError(f"rome: hparam layer={self.hparams.layer} does not exist; "
+                             f"the model has layers 0..{num_layers(model) - 1}")
+        return {model_spec(model).mlp_out_weight(self.hparams.layer)}
+
+    def prepare(self, model: nn.Module, tok: Any) -> None:
+        """Compute what depends only on the base model (templates, C): call on the unedited model
+        before resuming a sequential run from a checkpoint."""
+        self._templates(model, tok)
+        if self.hparams.mom2_adjustment:
+            self.stats.solver(model, tok, model_spec(model), self.hparams.layer, self.hparams.stats_config())
+
+    def apply(self, model: nn.Module, tok: Any, requests: Sequence[EditRequest]) -> EditReport:
+        t_start = time.perf_counter()
+        hp = self.hparams
+        spec = model_spec(model)
+        if hp.layer >= num_layers(model):
+            raise ValueError(f"rome: layer {hp.layer} does not exist; the model has {num_layers(model)} layers")
+        declared = self.targets(model, requests)
+        t = time.perf_counter()
+        self.prepare(model, tok)
+        templates = self._templates(model, tok)
+        timings = {"t_prepare": time.perf_counter() - t, "t_keys": 0.0, "t_v": 0.0, "t_update": 0.0}
+        rows: list[dict[str, float]] = []
+        norms: dict[str, float] = {}
+        for req in requests:
+            row = self._edit_one(model, tok, spec, req, templates, declared, timings)
+            rows.append(row)
+            norms[spec.mlp_out_weight(hp.layer)] = row["delta_norm"]
+            log.info("rome %s: v loss %.3f -> %.3f in %d steps, |dW| %.4g", req.case_id, row["v_loss_start"],
+                     row["v_loss_end"], row["steps"], row["delta_norm"])
+        n = len(rows)
+        losses = {"v_loss_start": sum(r["v_loss_start"] for r in rows) / n,
+                  "v_loss_end": sum(r["v_loss_end"] for r in rows) / n,
+                  "v_loss_end_max": max(r["v_loss_end"] for r in rows)}
+        info: dict[str, Any] = {"n_requests": n, "key_mode": hp.key_mode, "steps": sum(r["steps"] for r in rows) / n,
+                                "fast_path": all(r["fast"] for r in rows), "uk": rows[-1]["uk"],
+                                "delta_norm_max": max(r["delta_norm"] for r in rows), **timings}
+        if n > 1:
+            norms = {spec.mlp_out_weight(hp.layer): max(r["delta_norm"] for r in rows)}
+            info["delta_norm_note"] = "max over the sequential single edits"
+        return EditReport(seconds=time.perf_counter() - t_start, losses=losses, delta_norms=norms, info=info)
+
+    # ------------------------------------------------------------------------------------------
+    def _templates(self, model: nn.Module, tok: Any) -> list[str]:
+        hp = self.hparams
+        return self.templates.get(model, tok, hp.context_template_length_params, hp.template_seed)
+
+    def _edit_one(self, model: nn.Module, tok: Any, spec: ModelSpec, req: EditRequest, templates: list[str],
+                  declared: set[str], timings: dict[str, float]) -> dict[str, float]:
+        hp = self.hparams
+        t = time.perf_counter()
+        k_bar = compute_keys(model, tok, spec, hp.layer, [req], templates)[0]
+        k0 = compute_keys(model, tok, spec, hp.layer, [req], ["{}"])[0] if hp.key_mode != "r_rome" else k_bar
+        k_u = k0 if hp.key_mode == "prompt" else k_bar
+        if hp.mom2_adjustment:
+            u = self.stats.solver(model, tok, spec, hp.layer, hp.stats_config())(k_u)
+        else:
+            u = k_u.to(torch.float64)
+        u = u / u.norm()
+        timings["t_keys"] += time.perf_counter() - t
+
+        t = time.perf_counter()
+        res = optimize_target(model, tok, spec, req, hp.layer, hp.target_hparams(), templates, where="mlp",
+                              fast=hp.fast_path)
+        timings["t_v"] += time.perf_counter() - t
+        timings["t_v_loop"] = timings.get("t_v_loop", 0.0) + res.seconds["loop"]
+
+        t = time.perf_counter()
+        name = spec.mlp_out_weight(hp.layer)
+        param = dict(model.named_parameters())[name]
+        module = get_module(model, spec.mlp_out.format(hp.layer))
+        weight = param.detach().T if spec.out_transposed else param.detach()
+        key = k_bar if hp.key_mode == "r_rome" else k0
+        delta = rank_one_update(weight, getattr(module, "bias", None), u, key, res.target)
+        stored = (delta.T if spec.out_transposed else delta).to(device=param.device, dtype=param.dtype)
+        norm = add_deltas(model, {name: stored.contiguous()}, declared)[name]
+        timings["t_update"] += time.perf_counter() - t
+        return {"v_loss_start": res.losses[0], "v_loss_end": res.losses[-1], "steps": res.steps,
+                "delta_norm": norm, "uk": float(u @ key.to(u)), "fast": res.fast}

@@ -1,0 +1,87 @@
+"""The command line: ``python -m harness`` (console script ``harness``), a Hydra application.
+
+This is the only module that imports Hydra. It composes ``conf/config.yaml`` (typed by the schemas
+of ``harness.config``), turns it into a ``Config`` and hands it to ``harness.runner.run`` with the
+job's output directory and task overrides. Sweeps (``-m``) run through Hydra's launcher plugins:
+the basic one (jobs one after another in this process), ``hydra/launcher=joblib``/``local`` (local
+worker processes), ``submitit_local`` and ``submitit_slurm``/``slurm``.
+
+    python -m harness                                    # SmolLM2, CounterFact sample, 5 cases, ROME
+    python -m harness model=tiny algorithm=direct data.limit=20 hydra.run.dir=runs/try
+    python -m harness -m algorithm=none,direct data.limit=50 hydra/launcher=local
+    python -m harness.collect runs/multirun/<date>/<time>
+"""
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from harness.config import CONF_DIR, Config, register_configs
+from harness.results import format_table
+
+log = logging.getLogger("harness")
+
+register_configs()  # before Hydra composes anything (also in joblib/submitit worker processes)
+
+MAIN_PHASES = ("pre", "post", "final")
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """The typed ``Config`` of a composed config; raises on missing mandatory values (``???``)."""
+    return OmegaConf.to_object(cfg)
+
+
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose ``conf/config.yaml`` with ``overrides`` outside a Hydra run (no run directory)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="harness"):
+        return compose("config", overrides=list(overrides))
+
+
+def summary_table(summary: Sequence[dict]) -> str:
+    """Metrics as rows, the phases present (pre, post, final) as ``mean ± sem`` columns."""
+    phases = [p for p in MAIN_PHASES if any(r["phase"] == p for r in summary)]
+    table: dict[str, dict[str, str]] = {}
+    for r in summary:
+        if r["phase"] in phases:
+            sem = r["sem"]
+            cell = f"{r['mean']:.3f}" + (f" ± {sem:.3f}" if isinstance(sem, float) and not math.isnan(sem) else "")
+            table.setdefault(r["metric"], {"metric": r["metric"], "n": str(r["count"])})[r["phase"]] = cell
+    return format_table(list(table.values()), ["metric", *phases, "n"])
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def _app(cfg: DictConfig) -> None:
+    from harness.runner import run
+
+    hc = HydraConfig.get()
+    out = Path(hc.runtime.output_dir)
+    conf = to_config(cfg)
+    try:
+        result = run(conf, out, list(hc.overrides.task))
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the model was restored and every finished case is in {out / 'cases.csv'}.\n"
+              f"Resume with the same command plus hydra.run.dir={out}", file=sys.stderr)
+        sys.exit(130)
+    print(f"\n{conf.algorithm.name} on {conf.model.name or conf.model.source}: {result.n_cases} case(s), "
+          f"{result.n_errors} error(s)")
+    print(summary_table(result.summary))
+    print(f"tables: {out / 'cases.csv'}  {out / 'summary.csv'}" +
+          (f"  {out / 'retention.csv'}" if (out / "retention.csv").exists() else ""))
+
+
+def main() -> None:
+    """Console-script entry point (``harness``, ``python -m harness``)."""
+    _app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""``python -m harness.collect DIR``: gather every run under a sweep directory into one table.
+
+Each run directory (one with ``cases.csv``) contributes one row per phase and metric to
+``DIR/collected.csv``: run directory, run id, model, algorithm, the run's overrides (from Hydra's
+``.hydra/overrides.yaml``, as ``override.<key>`` columns), metric, phase, protocol version, mean,
+standard error, count, seconds per edit, and whether the run finished (``summary.csv`` present).
+Statistics are recomputed from ``cases.csv``, so interrupted runs are included with what they have.
+A compact comparison (runs as rows, main metrics as columns) is printed.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from harness.probes import METRICS
+from harness.results import CASES, SUMMARY, format_table, read_rows, seconds_per_edit, summarize_phases
+
+log = logging.getLogger(__name__)
+
+MAIN_METRICS = ("efficacy_score", "paraphrase_score", "neighborhood_score", "score", "rewrite_acc", "rephrase_acc",
+                "locality_acc", "portability_acc", "fluency")
+FIXED = ("run_dir", "run_id", "model", "algorithm")
+
+
+def _overrides(run_dir: Path) -> dict[str, str]:
+    path = run_dir / ".hydra" / "overrides.yaml"
+    items = yaml.safe_load(path.read_text()) if path.exists() else []
+    out = {}
+    for ov in items or []:
+        key, _, value = str(ov).partition("=")
+        out["override." + key.lstrip("+~")] = value
+    return out
+
+
+def collect_run(run_dir: Path, root: Path) -> list[dict[str, Any]]:
+    """The long-table rows (one per phase and metric) of one run directory."""
+    rows = read_rows(run_dir / CASES)
+    if not rows:
+        return []
+    metrics = [c[len("post_"):] for c in rows[0] if c.startswith("post_")]
+    first = rows[0]
+    edits = [r for r in rows if r.get("point") == "edit"]
+    base = {"run_dir": str(run_dir.relative_to(root)), "run_id": first.get("run_id"),
+            "model": first.get("model"), "algorithm": first.get("algorithm"), **_overrides(run_dir),
+            "complete": (run_dir / SUMMARY).exists(),
+            "n_cases": len(edits), "n_errors": sum(r.get("status") != "ok" for r in edits),
+            "seconds_per_edit": seconds_per_edit(rows)}
+    out = []
+    for phase, table in summarize_phases(rows, metrics).items():
+        for metric, st in table.items():
+            out.append({**base, "phase": phase, "metric": metric,
+                        "version": METRICS[metric].version if metric in METRICS else None,
+                        "mean": st["mean"], "sem": st.get("sem", st.get("stderr")), "count": st["count"]})
+    return out
+
+
+def collect(root: str | Path) -> pd.DataFrame:
+    """All runs under ``root`` as one long table; also written to ``root/collected.csv``."""
+    root = Path(root)
+    rows: list[dict[str, Any]] = []
+    for cases in sorted(root.rglob(CASES), key=lambda p: str(p)):
+        rows += collect_run(cases.parent, root)
+    df = pd.DataFrame(rows)
+    if not df.empty:
+        ovs = sorted(c for c in df.columns if c.startswith("override."))
+        rest = [c for c in df.columns if c not in FIXED and c not in ovs]
+        df = df[[*FIXED, *ovs, *rest]]
+    df.to_csv(root / "collected.csv", index=False)
+    return df
+
+
+def compare(df: pd.DataFrame) -> str:
+    """Runs as rows, main metrics (phase ``final`` for sequential runs, else ``post``) as columns."""
+    if df.empty:
+        return "(no runs)"
+    ovs = [c for c in df.columns if c.startswith("override.")]
+    varying = [c for c in ovs if df[c].astype(str).nunique() > 1] or ovs
+    runs = []
+    for run_dir, g in df.groupby("run_dir", sort=False):
+        phase = "final" if (g["phase"] == "final").any() else "post"
+        first = g.iloc[0]
+        row: dict[str, Any] = {"run": run_dir, **{c.removeprefix("override."): first[c] for c in varying},
+                               "cases": int(first["n_cases"]), "errors": int(first["n_errors"]), "phase": phase}
+        sub = g[g["phase"] == phase].set_index("metric")["mean"]
+        for m in MAIN_METRICS:
+            if m in sub.index:
+                row[m] = float(sub[m])
+        spe = float(first["seconds_per_edit"])
+        row["s/edit"] = spe if not math.isnan(spe) else None
+        runs.append(row)
+    columns = list(dict.fromkeys(k for r in runs for k in r))
+    return format_table(runs, columns)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    ap = argparse.ArgumentParser(prog="python -m harness.collect", description=__doc__.splitlines()[0])
+    ap.add_argument("dir", help="a sweep directory (e.g. runs/multirun/<date>/<time>) or any folder of runs")
+    args = ap.parse_args(argv)
+    root = Path(args.dir)
+    if not root.is_dir():
+        print(f"{root} is not a directory", file=sys.stderr)
+        return 2
+    df = collect(root)
+    print(compare(df))
+    print(f"\n{df['run_dir'].nunique() if not df.empty else 0} run(s) -> {root / 'collected.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,334 @@
+"""Result tables: append-only CSV files written row by row, resumable, and their summaries.
+
+``RowTable`` is the one writer of every table: a fixed header decided before the first row, each
+row flushed and fsynced as soon as it is known, and on reopening a torn last line (SIGKILL in the
+middle of a write) is cut off, the rows already there are read back, and a row whose key is
+already recorded is never written again. That is what makes ``python -m harness ...`` resumable:
+rerun the same command in the same directory and only the missing cases run.
+
+Tables of a run directory:
+  * ``cases.csv``: one row per case and evaluation point (``point`` = ``edit`` or ``retention``);
+  * ``summary.csv``: per phase and metric: mean, standard error, count (``harness.probes.summarize``);
+  * ``retention.csv`` (sequential runs): one row per retention point.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+CASES = "cases.csv"
+SUMMARY = "summary.csv"
+RETENTION = "retention.csv"
+
+
+class ResumeError(RuntimeError):
+    """An existing table in the run directory was written by a different configuration."""
+
+
+def _cell(value: Any) -> str:
+    """One CSV cell: None -> empty, floats at full precision, no line breaks (one row = one line)."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value).replace("\r", " ").replace("\n", " | ")
+
+
+class RowTable:
+    """An append-only CSV table keyed by some of its columns.
+
+    Args:
+        path: the CSV file; created with ``columns`` as header, or reopened (resume).
+        columns: the header, fixed for the table's life.
+        key: columns whose values identify a row; ``append`` skips a row whose key is recorded.
+
+    Raises:
+        ResumeError: the existing file has a different header.
+    """
+
+    def __init__(self, path: str | Path, columns: Sequence[str], key: Sequence[str]) -> None:
+        self.path = Path(path)
+        self.columns = list(columns)
+        self.key = list(key)
+        missing = [k for k in self.key if k not in self.columns]
+        if missing or len(set(self.columns)) != len(self.columns):
+            raise ValueError(f"{self.path.name}: bad columns/key ({missing or 'duplicate column names'})")
+        self.rows: list[dict[str, str]] = []
+        self._keys: set[tuple[str, ...]] = set()
+        if self.path.exists() and self.path.stat().st_size > 0:
+            self._reopen()
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._write_line(self.columns, mode="w")
+
+    # -- reading back ----------------------------------------------------------------------------
+    def _reopen(self) -> None:
+        data = self.path.read_bytes()
+        good = data[: data.rfind(b"\n") + 1]  # a torn last line has no newline yet
+        lines = good.decode("utf-8").splitlines(keepends=True)
+        if not lines:
+            self._truncate(0)
+            self._write_line(self.columns, mode="w")
+            return
+        header = next(csv.reader([lines[0]]))
+        if header != self.columns:
+            extra, lack = sorted(set(header) - set(self.columns)), sorted(set(self.columns) - set(header))
+            raise ResumeError(
+                f"{self.path} was written with other columns (only there: {extra}; only now: {lack}); "
+                "resume with the same command, or choose a fresh run directory")
+        keep = len(lines[0].encode())
+        for line in lines[1:]:
+            values = next(csv.reader([line]), [])
+            if len(values) != len(self.columns):
+                log.warning("%s: dropping a malformed row and everything after it", self.path.name)
+                break
+            row = dict(zip(self.columns, values))
+            self.rows.append(row)
+            self._keys.add(tuple(row[k] for k in self.key))
+            keep += len(line.encode())
+        if keep != len(data):
+            log.warning("%s: cut %d bytes of a torn last row", self.path.name, len(data) - keep)
+            self._truncate(keep)
+
+    def _truncate(self, size: int) -> None:
+        with open(self.path, "r+b") as f:
+            f.truncate(size)
+            f.flush()
+            os.fsync(f.fileno())
+
+    # -- writing ---------------------------------------------------------------------------------
+    def _write_line(self, values: Sequence[str], mode: str = "a") -> None:
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerow(values)
+        with open(self.path, mode, encoding="utf-8", newline="") as f:
+            f.write(buf.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+
+    def key_of(self, row: Mapping[str, Any]) -> tuple[str, ...]:
+        """The key of ``row`` as it reads back from the file."""
+        return tuple(_cell(row.get(k)) for k in self.key)
+
+    def has(self, row: Mapping[str, Any]) -> bool:
+        """Whether a row with the key of ``row`` (a mapping holding at least the key columns) is recorded."""
+        return self.key_of(row) in self._keys
+
+    def append(self, row: Mapping[str, Any]) -> bool:
+        """Write ``row`` (flush + fsync) unless its key is recorded; unknown keys are an error.
+
+        Returns:
+            True when written, False when the key was already there.
+        """
+        unknown = sorted(set(row) - set(self.columns))
+        if unknown:
+            raise KeyError(f"{self.path.name}: columns {unknown} are not in the header")
+        key = self.key_of(row)
+        if key in self._keys:
+            return False
+        values = [_cell(row.get(c)) for c in self.columns]
+        self._write_line(values)
+        self.rows.append(dict(zip(self.columns, values)))
+        self._keys.add(key)
+        return True
+
+
+def read_rows(path: str | Path) -> list[dict[str, str]]:
+    """The complete rows of a table, read-only (a torn last line and malformed rows are left out)."""
+    with open(path, encoding="utf-8", newline="") as f:
+        lines = f.read().splitlines(keepends=True)
+    if not lines:
+        return []
+    header = next(csv.reader([lines[0]]))
+    rows = []
+    for line in lines[1:]:
+        if not line.endswith("\n"):
+            break
+        values = next(csv.reader([line]), [])
+        if len(values) == len(header):
+            rows.append(dict(zip(header, values)))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# cells back to numbers
+
+
+def as_float(cell: str | None) -> float:
+    """A CSV cell as a float; empty or unparsable cells are NaN."""
+    if cell is None or cell == "":
+        return math.nan
+    try:
+        return float(cell)
+    except ValueError:
+        return math.nan
+
+
+def metric_rows(rows: Iterable[Mapping[str, str]], prefix: str, metrics: Sequence[str]) -> list[dict[str, float]]:
+    """Per-case metric dicts (``{metric: value}``) from the ``<prefix>_<metric>`` cells of rows."""
+    out = []
+    for row in rows:
+        values = {m: as_float(row.get(f"{prefix}_{m}")) for m in metrics}
+        out.append({m: v for m, v in values.items() if not math.isnan(v)})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# summary
+
+
+def summarize_phases(rows: Sequence[Mapping[str, str]], metrics: Sequence[str]) -> dict[str, dict[str, dict]]:
+    """Per phase: ``harness.probes.summarize`` of the rows' metric values.
+
+    Phases: ``pre`` and ``post`` (edit rows; ``post`` only of successful cases), and in sequential
+    runs ``retention@<n_edits>`` for each retention point plus ``final`` for the last one.
+    """
+    from harness.probes import summarize
+
+    edits = [r for r in rows if r.get("point") == "edit"]
+    ok = [r for r in edits if r.get("status") == "ok"]
+    phases: dict[str, dict[str, dict]] = {}
+    if edits:
+        phases["pre"] = summarize(metric_rows(edits, "pre", metrics))
+    if ok:
+        phases["post"] = summarize(metric_rows(ok, "post", metrics))
+    by_step: dict[int, list[Mapping[str, str]]] = {}
+    for r in rows:
+        if r.get("point") == "retention":
+            by_step.setdefault(int(r["step"]), []).append(r)
+    for step in sorted(by_step):
+        group = by_step[step]
+        phases[f"retention@{group[0]['n_edits']}"] = summarize(metric_rows(group, "post", metrics))
+    if by_step:
+        phases["final"] = phases[f"retention@{by_step[max(by_step)][0]['n_edits']}"]
+    return phases
+
+
+def seconds_per_edit(rows: Sequence[Mapping[str, str]]) -> float:
+    """Mean edit seconds per request over successful edit rows (cells are per-request amortized)."""
+    vals = [as_float(r.get("edit_s")) for r in rows if r.get("point") == "edit" and r.get("status") == "ok"]
+    vals = [v for v in vals if not math.isnan(v)]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+def write_summary(path: str | Path, rows: Sequence[Mapping[str, str]], metrics: Sequence[str],
+                  ident: Mapping[str, Any], versions: Mapping[str, int]) -> list[dict[str, Any]]:
+    """Write ``summary.csv`` (atomically: temp file, fsync, rename) and return its rows.
+
+    Args:
+        rows: the cases table's rows.
+        metrics: the per-case metric names.
+        ident: columns repeated on every summary row (run_id, model, algorithm, overrides ...).
+        versions: protocol version of each metric (reported beside it).
+    """
+    edits = [r for r in rows if r.get("point") == "edit"]
+    extra = {"n_cases": len(edits), "n_errors": sum(r.get("status") != "ok" for r in edits),
+             "seconds_per_edit": seconds_per_edit(rows)}
+    out: list[dict[str, Any]] = []
+    for phase, table in summarize_phases(rows, metrics).items():
+        for metric, st in table.items():
+            out.append({**ident, "phase": phase, "metric": metric, "version": versions.get(metric, ""),
+                        "mean": st["mean"], "sem": st.get("sem", st.get("stderr")), "count": st["count"], **extra})
+    columns = list(ident) + ["phase", "metric", "version", "mean", "sem", "count", *extra]
+    write_csv(path, columns, out)
+    return out
+
+
+def write_csv(path: str | Path, columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> None:
+    """Write a whole CSV file atomically (for tables rewritten at once, not appended)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(columns)
+        for row in rows:
+            w.writerow([_cell(row.get(c)) for c in columns])
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], floatfmt: str = "{:.3f}") -> str:
+    """A plain fixed-width text table (for the CLI's final print and ``harness.collect``)."""
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return "" if math.isnan(v) else floatfmt.format(v)
+        return "" if v is None else str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    numeric = [all(isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool) for r in rows if r.get(c)
+                   is not None) for c in columns]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(columns, widths, numeric)).rstrip()]
+    lines += ["  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(row, widths, numeric)).rstrip()
+              for row in cells]
+    return "\n".join(lines)
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file, or None when it does not exist."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON atomically (temp file, fsync, rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def plot_retention(path: str | Path, retention: Sequence[Mapping[str, str]], steps: Sequence[tuple[int, float, bool]],
+                   metrics: Sequence[str]) -> None:
+    """Draw ``retention.png``: metric means over earlier edits vs. edit count, and per-step norms.
+
+    Args:
+        retention: rows of ``retention.csv``.
+        steps: (step, weight-change norm, outlier) of every successful edit call.
+        metrics: metric columns of ``retention.csv`` to draw.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    xs = [as_float(r["n_edits"]) for r in retention]
+    for m in metrics:
+        ys = [as_float(r.get(m)) for r in retention]
+        if any(not math.isnan(y) for y in ys):
+            ax1.plot(xs, ys, marker="o", label=m)
+    ax1.set_xlabel("edits so far")
+    ax1.set_ylabel("mean over all earlier edits")
+    ax1.set_title("retention")
+    ax1.legend(fontsize=7)
+    if steps:
+        ax2.plot([s for s, _, _ in steps], [n for _, n, _ in steps], lw=1)
+        out = [(s, n) for s, n, o in steps if o]
+        if out:
+            ax2.scatter([s for s, _ in out], [n for _, n in out], color="red", zorder=3, label="outlier")
+            ax2.legend(fontsize=7)
+        if all(n > 0 for _, n, _ in steps):
+            ax2.set_yscale("log")
+    ax2.set_xlabel("edit call")
+    ax2.set_ylabel("weight-change norm")
+    ax2.set_title("per-step weight change")
+    fig.tight_layout()
+    tmp = Path(path).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,192 @@
+"""Sequential editing runs: edits accumulate in batches, with retention points and checkpoints.
+
+The protocol of the sequential-editing ablations (MEMIT, Meng et al. 2023; AlphaEdit, Fang et al.
+2025): requests are applied in fixed batches of ``batch_size`` without restoring. After each batch
+the batch itself is probed (``point=edit`` rows). At every ``eval.retention_at`` edit count and at the
+end, every edit made so far is re-evaluated against its own pre-edit measurement (``point=retention``
+rows), ``retention.csv``/``retention.png`` are updated, and the Editor is checkpointed.
+
+Each step's weight change ``||W_after - W_before||`` (over the step's targets) is measured from the
+Editor's snapshot and flagged as an outlier when it exceeds ``eval.outlier_factor`` times the
+running median of the earlier steps' norms (the "disabling edits" of Gupta et al. 2024).
+
+Resume: the checkpoint directory is replaced atomically (written as ``checkpoint.tmp``, then swapped
+in), holds the Editor's checkpoint plus ``runner.json`` (batches done, edited case ids, step norms),
+and is loaded onto the freshly loaded base model after the pre-edit measurements were taken on it.
+Steps between the checkpoint and a kill are redone; their rows are already on disk and are not
+written twice (the edits are deterministic: each call reseeds torch with its step).
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import statistics
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+from tqdm.auto import tqdm
+
+from harness.editor import RestoreError
+from harness.probes import Measurement, summarize
+from harness.results import RETENTION, ResumeError, RowTable, plot_retention, read_json, write_json
+
+if TYPE_CHECKING:
+    from harness.runner import Run
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def _norm(params: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> float:
+    """sqrt(sum ||params[n] - base[n]||^2) over the names of ``base``, in float32."""
+    total = 0.0
+    for name, b in base.items():
+        p = params[name]
+        total += float(torch.linalg.vector_norm(p.float() - b.to(p.device).float()) ** 2)
+    return total ** 0.5
+
+
+class Sequential:
+    """State of one sequential run on top of a ``Run`` (its model, Editor, tables)."""
+
+    def __init__(self, run: "Run") -> None:
+        self.run = run
+        self.cfg = run.cfg
+        self.ckpt = run.out / "checkpoint"
+        aggregates = [i.name for i in run.probes.infos() if i.name not in run.metrics]
+        self.ret_metrics = run.metrics + aggregates
+        columns = ["step", "n_edits", *self.ret_metrics, "step_norm", "max_step_norm", "total_norm", "outlier",
+                   "n_outliers"]
+        self.ret = RowTable(run.out / RETENTION, columns, ["step"])
+        self.batches = [run.requests[i:i + self.cfg.batch_size]
+                        for i in range(0, len(run.requests), self.cfg.batch_size)]
+        self.position = 0  # batches done
+        self.edited: list[str] = []  # case ids successfully edited, in order
+        self.steps: list[tuple[int, float, bool]] = []  # (step, norm, outlier) of successful steps
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        tmp, old = self.ckpt.with_name("checkpoint.tmp"), self.ckpt.with_name("checkpoint.old")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.run.editor.save_checkpoint(tmp)
+        write_json(tmp / "runner.json", {"position": self.position, "n_edits": self.run.editor.n_edits,
+                                         "edited": self.edited, "steps": self.steps,
+                                         "batches": [[r.case_id for r in b] for b in self.batches[:self.position]]})
+        if self.ckpt.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            self.ckpt.rename(old)
+        tmp.rename(self.ckpt)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self) -> None:
+        """Put the last checkpoint (if any) onto the base model and restore the loop's state."""
+        src = self.ckpt if self.ckpt.exists() else self.ckpt.with_name("checkpoint.old")
+        state = read_json(src / "runner.json") if src.exists() else None
+        if state is None:
+            return
+        done = [[r.case_id for r in b] for b in self.batches[:state["position"]]]
+        if done != state["batches"]:
+            raise ResumeError(f"{src}: the checkpoint was made with other batches of requests")
+        self.run.editor.load_checkpoint(src)
+        if self.run.editor.n_edits != state["n_edits"]:
+            raise ResumeError(
+                f"{src}: the editor holds {self.run.editor.n_edits} edits, runner.json says {state['n_edits']}")
+        self.position, self.edited = state["position"], list(state["edited"])
+        self.steps = [(int(s), float(n), bool(o)) for s, n, o in state["steps"]]
+        log.info("resumed from %s: %d batch(es), %d edit(s) done", src, self.position, len(self.edited))
+
+    # -- the loop --------------------------------------------------------------------------------
+    def points_crossed(self, before: int, after: int) -> bool:
+        return any(before < p <= after for p in self.cfg.eval.retention_at)
+
+    def outlier(self, norm: float) -> bool:
+        earlier = [n for _, n, _ in self.steps]
+        if not earlier:
+            return False
+        med = statistics.median(earlier)
+        return med > 0 and norm > self.cfg.eval.outlier_factor * med
+
+    def step(self, index: int) -> None:
+        """Apply batch ``index`` (step ``index + 1``) and write its rows."""
+        run, editor, step = self.run, self.run.editor, index + 1
+        batch = self.batches[index]
+        n = len(batch)
+        run.seed(step)
+        try:
+            out = editor.edit(batch, pre=run.pre_of(batch))
+        except (KeyboardInterrupt, RestoreError):
+            raise
+        except Exception as exc:  # the Editor rolled this step back; record and go on
+            log.error("step %d (cases %s) failed: %s", step, [r.case_id for r in batch], run.error_text(exc))
+            for r in batch:
+                run.write(run.row(r, "edit", step, editor.n_edits, pre=run.pre[r.case_id].metrics[0],
+                                  error=run.error_text(exc), pre_s=run.pre_s[r.case_id]))
+            return
+        norm = _norm(dict(run.model.named_parameters()), editor.weights_copy.tensors)
+        flag = self.outlier(norm)
+        if flag:
+            log.warning("step %d: weight change %.3g is an outlier (> %.0fx the running median)", step, norm,
+                        self.cfg.eval.outlier_factor)
+        self.steps.append((step, norm, flag))
+        self.edited += [r.case_id for r in batch]
+        for j, r in enumerate(batch):
+            run.write(run.row(r, "edit", step, editor.n_edits, pre=out.pre.metrics[j], post=out.post.metrics[j],
+                              pre_s=run.pre_s[r.case_id], delta_norm=norm, outlier=flag, **run.outcome_cells(out, n)))
+
+    def retention(self, step: int) -> None:
+        """Re-evaluate every edit so far against its pre measurement; rows, retention.csv, plot."""
+        run = self.run
+        if self.ret.has({"step": step}):
+            return  # written before an interruption; the redone edits are bit-identical
+        requests = [run.by_id[c] for c in self.edited]
+        posts: list[Measurement] = []
+        t0 = time.perf_counter()
+        for i in range(0, len(requests), 16):
+            part = requests[i:i + 16]
+            posts.append(run.editor.evaluate(part, reference=run.pre_of(part)))
+        post = Measurement.concat(posts)
+        dt = (time.perf_counter() - t0) / max(len(requests), 1)
+        n_edits = run.editor.n_edits
+        for r, values in zip(requests, post.metrics):
+            run.write(run.row(r, "retention", step, n_edits, pre=run.pre[r.case_id].metrics[0], post=values,
+                              probe_s=dt))
+        last = max((int(x["step"]) for x in self.ret.rows), default=0)
+        recent = [(n, o) for s, n, o in self.steps if last < s <= step]
+        means = {m: st["mean"] for m, st in summarize(post.metrics).items() if m in self.ret_metrics}
+        params = dict(run.model.named_parameters())
+        row: dict[str, Any] = {"step": step, "n_edits": n_edits, **means,
+                               "step_norm": self.steps[-1][1] if self.steps and self.steps[-1][0] == step else None,
+                               "max_step_norm": max((n for n, _ in recent), default=None),
+                               "total_norm": _norm(params, run.editor.originals.tensors),
+                               "outlier": any(o for _, o in recent), "n_outliers": sum(o for _, o in recent)}
+        self.ret.append(row)
+        plot_retention(run.out / "retention.png", self.ret.rows, self.steps, self.ret_metrics)
+        log.info("retention after %d edit(s): %s", n_edits,
+                 ", ".join(f"{m}={v:.3f}" for m, v in means.items() if isinstance(v, float)))
+
+    def execute(self) -> None:
+        run = self.run
+        run.ensure_pre(run.requests)  # on the base model, before any checkpoint is loaded
+        self.load_checkpoint()
+        try:
+            bar = tqdm(range(self.position, len(self.batches)), desc="sequential edits", initial=self.position,
+                       total=len(self.batches), disable=not run.progress)
+            for index in bar:
+                before = run.editor.n_edits
+                self.step(index)
+                self.position = index + 1
+                last = index == len(self.batches) - 1
+                if last or self.points_crossed(before, run.editor.n_edits):
+                    self.retention(index + 1)
+                    self.save_checkpoint()
+            if self.batches and not self.ret.has({"step": len(self.batches)}):
+                self.retention(len(self.batches))  # a complete run resumed after its last checkpoint
+            run.save_model()
+        finally:
+            run.editor.restore()  # the cached model goes back to base for the next job
+
+
+def run_sequential(run: "Run") -> None:
+    """Entry point used by ``harness.runner.Run.execute`` for ``keep_original_weight=False``."""
+    Sequential(run).execute()
