@@ -16,6 +16,7 @@ per run; never from a model's name or path.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
 import os
 import shutil
@@ -385,3 +386,15 @@ def tiny_model(arch: str = "llama", seed: int = 0, n_layers: int = 2, hidden: in
     model.eval()
     model.requires_grad_(False)
     return model, tok
+
+
+def cache_kwargs(model: nn.Module, cache: Any) -> dict[str, Any]:
+    """The forward keyword for a KV cache: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    params = inspect.signature(model.forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache a forward returned, under either name."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)

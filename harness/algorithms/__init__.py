@@ -17,11 +17,7 @@ from harness.algorithms.base import (
 # Built-in modules register themselves on import.
 _BUILTIN = ("none", "direct", "finetune", "lora", "rome", "memit", "alphaedit")
 for _mod in _BUILTIN:
-    try:
-        importlib.import_module(f"harness.algorithms.{_mod}")
-    except ModuleNotFoundError as _exc:  # TODO(dev): drop once all modules exist
-        if _exc.name != f"harness.algorithms.{_mod}":
-            raise
+    importlib.import_module(f"harness.algorithms.{_mod}")
 
 __all__ = ["AlgorithmError", "EditAlgorithm", "add_deltas", "available", "create", "get_algorithm",
            "make_hparams", "register"]

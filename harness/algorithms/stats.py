@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from harness.algorithms.locate import model_device
-from harness.models import ModelSpec, default_cache_dir, get_module
+from harness.models import ModelSpec, cache_kwargs, default_cache_dir, get_module, output_cache
 from harness.snapshot import model_digest
 
 log = logging.getLogger(__name__)
@@ -112,8 +112,8 @@ def sample_texts(model: nn.Module, tok: Any, n_samples: int, seq_len: int, seed:
         ids = torch.tensor([tok(START_WORDS[b % len(START_WORDS)])["input_ids"]] * n, device=dev)
         seq, past, step_in = ids, None, ids
         while seq.shape[1] < seq_len:
-            res = model(input_ids=step_in, past_key_values=past, use_cache=True)
-            past = res.past_key_values
+            res = model(input_ids=step_in, use_cache=True, **cache_kwargs(model, past))
+            past = output_cache(res)
             top = res.logits[:, -1].float().cpu().topk(top_k, dim=-1)
             pick = top.indices.gather(1, torch.multinomial(top.values.softmax(-1), 1, generator=gen)).to(dev)
             seq, step_in = torch.cat([seq, pick], dim=1), pick

@@ -32,7 +32,7 @@ from torch import nn
 from harness.algorithms.locate import (KL_TEMPLATE, as_template_groups, fill_template, hidden_of, model_device,
                                        replace_hidden, subject_last_index)
 from harness.algorithms.tokens import encode_prompt_target
-from harness.models import ModelSpec, get_module, num_layers
+from harness.models import ModelSpec, cache_kwargs, get_module, num_layers, output_cache
 from harness.types import EditRequest
 
 log = logging.getLogger(__name__)
@@ -257,7 +257,7 @@ def optimize_target(model: nn.Module, tok: Any, spec: ModelSpec, request: EditRe
         state["sub"] = torch.zeros_like(b.sub)  # the subject's last token opens every suffix
         cache = copy.deepcopy(sfx["cache"]) if sfx["cache"] is not None else None
         out = model(input_ids=sfx["ids"], attention_mask=sfx["attn"], position_ids=sfx["pos"],
-                    past_key_values=cache, use_cache=cache is not None)
+                    use_cache=cache is not None, **cache_kwargs(model, cache))
         return logits_at(out, sfx["read_pos"])
 
     handles = [site.register_forward_hook(capture_site)]
@@ -268,8 +268,8 @@ def optimize_target(model: nn.Module, tok: Any, spec: ModelSpec, request: EditRe
             ref = forward_full()
             handles.pop(0).remove()
             if fast and sfx["prefix_ids"] is not None:
-                sfx["cache"] = model(input_ids=sfx["prefix_ids"], attention_mask=sfx["prefix_attn"],
-                                     position_ids=sfx["prefix_pos"], use_cache=True).past_key_values
+                sfx["cache"] = output_cache(model(input_ids=sfx["prefix_ids"], attention_mask=sfx["prefix_attn"],
+                                                  position_ids=sfx["prefix_pos"], use_cache=True))
     finally:
         for h in handles:
             h.remove()
