@@ -20,7 +20,7 @@ import pandas as pd
 import yaml
 
 from harness.probes import METRICS
-from harness.results import CASES, SUMMARY, format_table, read_rows, seconds_per_edit, summarize_phases
+from harness.results import CASES, RETENTION, SUMMARY, format_table, read_rows, seconds_per_edit, summarize_phases
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,67 @@ def compare(df: pd.DataFrame) -> str:
     return format_table(runs, columns)
 
 
+RETENTION_METRICS = ("efficacy_score", "paraphrase_score", "neighborhood_score", "fluency")
+
+
+def collect_retention(root: Path) -> pd.DataFrame:
+    """Every sequential run's ``retention.csv`` under ``root``, with its run and algorithm, plus the
+    unedited model's level of each metric (``base_<metric>``: the mean ``pre_<metric>`` over the
+    run's edit rows). Written to ``root/retention_collected.csv``; empty when no run is sequential."""
+    frames = []
+    for path in sorted(root.rglob(RETENTION), key=str):
+        ret = pd.read_csv(path)
+        if ret.empty:
+            continue
+        cases = pd.read_csv(path.parent / CASES)
+        edits = cases[cases["point"] == "edit"]
+        ret.insert(0, "algorithm", cases["algorithm"].iloc[0] if len(cases) else None)
+        ret.insert(0, "run_dir", str(path.parent.relative_to(root)))
+        for m in RETENTION_METRICS:
+            col = f"pre_{m}"
+            ret[f"base_{m}"] = float(edits[col].mean()) if col in edits and edits[col].notna().any() else math.nan
+        frames.append(ret)
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if not df.empty:
+        df.to_csv(root / "retention_collected.csv", index=False)
+    return df
+
+
+def plot_retention_comparison(df: pd.DataFrame, path: Path) -> Path | None:
+    """One panel per retention metric: each run's curve over edits so far, and the unedited level
+    (dashed). Returns the PNG path, or None when there is nothing to draw."""
+    metrics = [m for m in RETENTION_METRICS if m in df and df[m].notna().any()]
+    if df.empty or not metrics:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.8), squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        for run_dir, g in df.groupby("run_dir", sort=False):
+            line, = ax.plot(g["n_edits"], g[m], marker="o", label=f"{g['algorithm'].iloc[0]} ({run_dir})")
+        base = df[f"base_{m}"].dropna()
+        if len(base):
+            ax.axhline(float(base.mean()), color="gray", ls="--", lw=1, label="unedited")
+        ax.set_title(m)
+        ax.set_xlabel("edits so far")
+        ax.set_ylabel("mean over all earlier edits")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def retention_table(df: pd.DataFrame) -> str:
+    """Sequential runs: rows (run, edits so far) with the retention metrics, outliers flagged."""
+    cols = [c for c in ("algorithm", "n_edits", *RETENTION_METRICS, "max_step_norm", "n_outliers") if c in df]
+    rows = df[cols].to_dict("records")
+    return format_table(rows, cols)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     ap = argparse.ArgumentParser(prog="python -m harness.collect", description=__doc__.splitlines()[0])
@@ -111,6 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     df = collect(root)
     print(compare(df))
     print(f"\n{df['run_dir'].nunique() if not df.empty else 0} run(s) -> {root / 'collected.csv'}")
+    ret = collect_retention(root)
+    if not ret.empty:
+        print("\nretention of all earlier edits (sequential runs):")
+        print(retention_table(ret))
+        png = plot_retention_comparison(ret, root / "retention_compare.png")
+        print(f"-> {root / 'retention_collected.csv'}" + (f"  {png}" if png else ""))
     return 0
 
 

@@ -37,7 +37,7 @@ def assert_names(exc: pytest.ExceptionInfo, path: Path, index: int, field: str |
 def test_counterfact_sample_matches_raw_json():
     records = raw("counterfact")
     loaded = load_requests("counterfact")
-    assert isinstance(loaded, LoadedData) and len(loaded) == len(records) == 200 and not loaded.skipped
+    assert isinstance(loaded, LoadedData) and len(loaded) == len(records) == 500 and not loaded.skipped
     r, rec = loaded.requests[0], records[0]
     assert r.case_id == str(rec["case_id"]) == "2"
     assert (r.subject, r.target_new, r.target_true) == (rec["subject"], rec["target_new"], rec["ground_truth"])
@@ -172,8 +172,8 @@ def test_limit_and_offset_select_by_position_before_validation(tmp_path):
     everything = [r.case_id for r in load_requests("counterfact")]
     assert [r.case_id for r in load_requests("counterfact", limit=5)] == everything[:5]
     assert [r.case_id for r in load_requests("counterfact", offset=10, limit=3)] == everything[10:13]
-    assert len(load_requests("counterfact", offset=195)) == 5
-    assert len(load_requests("counterfact", offset=500)) == 0
+    assert len(load_requests("counterfact", offset=495)) == 5
+    assert len(load_requests("counterfact", offset=600)) == 0
     assert len(load_requests("counterfact", limit=0)) == 0
     records = raw("counterfact")[:6]
     records[2]["target_new"] = ""

@@ -275,3 +275,17 @@ def test_inspect_marks_targets(capsys) -> None:
     assert main([*SMOKE, "--targets-only"]) == 0
     out = capsys.readouterr().out
     assert "* model.layers.0.mlp.down_proj.weight" in out.replace("  ", " ") and "snapshot 32.0 KiB" in out
+
+
+def test_collect_compares_sequential_runs(tmp_path: Path, cache: ModelCache) -> None:
+    from harness.collect import collect_retention, plot_retention_comparison
+
+    for name, extra in (("a", []), ("b", ["algorithm.hparams.ops.0.scale=0.05"])):
+        run_in_process([*SEQ, "data.limit=4", *extra], tmp_path / name, cache)
+    ret = collect_retention(tmp_path)
+    assert (tmp_path / "retention_collected.csv").exists()
+    assert sorted(ret["run_dir"].unique()) == ["a", "b"] and ret["n_edits"].tolist() == [2, 4, 2, 4]
+    pre = pd.read_csv(tmp_path / "a" / "cases.csv").query("point == 'edit'")["pre_efficacy_score"].mean()
+    assert ret["base_efficacy_score"].tolist() == [pytest.approx(pre)] * 4
+    png = plot_retention_comparison(ret, tmp_path / "cmp.png")
+    assert png is not None and png.stat().st_size > 1000
