@@ -20,6 +20,7 @@ import pandas as pd
 import yaml
 
 from harness.probes import METRICS
+from harness.runner import parse_overrides
 from harness.results import CASES, RETENTION, SUMMARY, format_table, read_rows, seconds_per_edit, summarize_phases
 
 log = logging.getLogger(__name__)
@@ -32,11 +33,7 @@ FIXED = ("run_dir", "run_id", "model", "algorithm")
 def _overrides(run_dir: Path) -> dict[str, str]:
     path = run_dir / ".hydra" / "overrides.yaml"
     items = yaml.safe_load(path.read_text()) if path.exists() else []
-    out = {}
-    for ov in items or []:
-        key, _, value = str(ov).partition("=")
-        out["override." + key.lstrip("+~")] = value
-    return out
+    return parse_overrides([str(ov) for ov in items or []])
 
 
 def collect_run(run_dir: Path, root: Path) -> list[dict[str, Any]]:

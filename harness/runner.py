@@ -136,12 +136,18 @@ def chunks(items: Sequence[Any], size: int) -> Iterator[list[Any]]:
         yield list(items[i:i + size])
 
 
+NOT_IDENTITY = {"threads"}
+
+
 def parse_overrides(overrides: Sequence[str]) -> dict[str, str]:
     """``["algorithm=rome", "+x.y=1"]`` -> ``{"override.algorithm": "rome", "override.x.y": "1"}``."""
     out = {}
     for ov in overrides:
         key, _, value = ov.partition("=")
-        out["override." + key.lstrip("+~")] = value
+        key = key.lstrip("+~")
+        if key in NOT_IDENTITY or key.startswith("hydra"):
+            continue  # how a run is executed, not what it computes: no column (a resume may change it)
+        out["override." + key] = value
     return out
 
 
@@ -196,6 +202,7 @@ class Run:
         """Record the config in ``run.json``; refuse to resume a run of a different config."""
         conf = dataclasses.asdict(self.cfg)
         conf["data"].pop("limit")  # extending a run with a larger limit is allowed
+        conf.pop("threads")  # how fast, not what: a run may resume with another thread count
         conf = json.loads(json.dumps(conf, sort_keys=True, default=str))
         old = read_json(self.out / "run.json")
         if old is not None and old["config"] != conf:
