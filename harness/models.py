@@ -245,6 +245,11 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         os.replace(tmp, out_dir)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out_dir / "config.json").is_file():
+            raise
+        return out_dir  # another process converted it first (parallel sweep workers): use theirs
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -197,3 +197,42 @@ def test_stats_config_validates():
         stats.StatsConfig(dtype="float16")
     with pytest.raises(ValueError):
         stats.StatsConfig(source="corpus.parquet")
+
+
+BATCH = [REQ,
+         EditRequest(case_id="2", prompt="{} plays the sport of", subject="LeBron James", target_new="football"),
+         EditRequest(case_id="3", prompt="The capital city of {} is", subject="Italy", target_new="Paris"),
+         EditRequest(case_id="4", prompt="{} was developed by", subject="Apple A5", target_new="Google")]
+
+
+@pytest.mark.parametrize("arch,where,fast", [("llama", "block", True), ("gpt2", "mlp", True), ("llama", "mlp", False)])
+def test_batched_targets_equal_one_at_a_time(arch, where, fast):
+    """Each δ_j of a batch follows its own path, including a request that stops early."""
+    model, tok = _tiny(arch, n_layers=4)
+    spec = model_spec(model)
+    tpl = [["{}"], ["Hello there. {}", "Because I can do it. {}"]]
+    probe = TargetHparams(num_grad_steps=8, lr=0.05, weight_decay=0.0, clamp_norm_factor=50, early_stop_loss=0.0)
+    curves = [optimize_target(model, tok, spec, r, 1, probe, tpl, where=where, fast=fast).losses for r in BATCH]
+    # an early-stop threshold at which the requests stop at different steps (random models move
+    # their losses either way, so it is picked from the curves themselves)
+
+    def stops(thr):
+        return {next((i for i, x in enumerate(c) if x < thr), len(c) - 1) for c in curves}
+
+    def mixed(thr):  # someone stops after taking steps, someone else at another step
+        got = stops(thr)
+        return len(got) > 1 and any(0 < s < len(curves[0]) - 1 for s in got)
+
+    thr = next(x + 1e-6 for x in sorted(x for c in curves for x in c) if mixed(x + 1e-6))
+    hp = TargetHparams(num_grad_steps=8, lr=0.05, weight_decay=0.0, clamp_norm_factor=50, early_stop_loss=thr)
+    singles = [optimize_target(model, tok, spec, r, 1, hp, tpl, where=where, fast=fast) for r in BATCH]
+    batch = locate.optimize_targets(model, tok, spec, BATCH, 1, hp, tpl, where=where, fast=fast)
+    assert [r.steps for r in batch] == [r.steps for r in singles]
+    assert len({r.steps for r in batch}) > 1 and any(0 < r.steps < 7 for r in batch)
+    assert all(r.fast == fast for r in batch)
+    for one, many in zip(singles, batch):
+        torch.testing.assert_close(many.v_init, one.v_init, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(many.delta, one.delta, rtol=1e-4, atol=1e-4)
+        assert max(abs(a - b) for a, b in zip(one.losses, many.losses)) < 1e-4
+        assert len(one.losses) == len(many.losses)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

@@ -266,8 +266,8 @@ def compute_keys(model: nn.Module, tok: Any, spec: ModelSpec, layer: int, reques
 
 
 def __getattr__(name: str) -> Any:
-    """``TargetHparams``, ``TargetResult`` and ``optimize_target`` live in ``target.py``; reachable here too."""
-    if name in ("TargetHparams", "TargetResult", "optimize_target"):
+    """``TargetHparams``, ``TargetResult``, ``optimize_target(s)`` live in ``target.py``; reachable here too."""
+    if name in ("TargetHparams", "TargetResult", "optimize_target", "optimize_targets"):
         from harness.algorithms import target
 
         return getattr(target, name)

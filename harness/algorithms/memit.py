@@ -3,7 +3,7 @@
 One ``apply`` edits a batch of n requests across layers ``l_1 < ... < l_L``:
 
 1. Per request, a target hidden state ``z_j`` at the block output of the last edit layer ``l_L``
-   (``target.optimize_target(..., where="block")``): ``Z`` [d, n].
+   (``target.optimize_targets(..., where="block")``, ``z_batch_size`` requests per batch): ``Z`` [d, n].
 2. Per layer ``l_i`` in increasing order, on the current, partially edited model:
    ``K_i`` = template-averaged keys (input of the MLP output projection at the subject's last
    token; two template groups ``[["{}"], [5 samples of length 10]]`` averaged within, then
@@ -39,7 +39,7 @@ from harness.algorithms.base import EditAlgorithm, add_deltas, register
 from harness.algorithms.locate import TemplateCache, compute_keys, hidden_of, model_device, subject_last_index
 from harness.algorithms.solve import memit_delta, to_param_layout
 from harness.algorithms.stats import StatsCache, StatsConfig
-from harness.algorithms.target import TargetHparams, optimize_target
+from harness.algorithms.target import TargetHparams, optimize_targets
 from harness.models import ModelSpec, get_module, model_spec, num_layers
 from harness.types import EditReport, EditRequest
 
@@ -66,6 +66,8 @@ class SpreadHparams:
         mom2_source, mom2_n_samples, mom2_seq_len, mom2_batch_size, mom2_dtype, mom2_seed,
         stats_dir: ``stats.StatsConfig`` of C = E[k kᵀ] (count-normalised).
         fast_path: let the z optimisation skip the blocks below the last layer (same result).
+        z_batch_size: requests whose z are optimised together in one batch (same result as one at a
+            time; larger is faster and takes more memory).
     """
 
     layers: list[int] = field(default_factory=_default_layers)
@@ -87,9 +89,12 @@ class SpreadHparams:
     mom2_seed: int = 0
     stats_dir: Optional[str] = None
     fast_path: bool = True
+    z_batch_size: int = 16
 
     def __post_init__(self) -> None:
         self.layers = [int(x) for x in self.layers]
+        if self.z_batch_size < 1:
+            raise ValueError(f"z_batch_size must be >= 1, got {self.z_batch_size}")
         if not self.layers:
             raise ValueError("layers must name at least one layer")
         if self.layers[0] < 0 or any(b <= a for a, b in zip(self.layers, self.layers[1:])):
@@ -256,14 +261,15 @@ class Memit(EditAlgorithm):
         hp = self.hparams
         thp = hp.target_hparams()
         cols, start, end = [], [], []
-        for req in requests:
-            res = optimize_target(model, tok, spec, req, hp.layers[-1], thp, templates, where="block",
-                                  fast=hp.fast_path)
-            cols.append(res.target.float())
-            start.append(res.losses[0])
-            end.append(res.losses[-1])
-            log.debug("%s z %s: loss %.3f -> %.3f in %d steps", self.name, req.case_id, res.losses[0],
-                      res.losses[-1], res.steps)
+        for i in range(0, len(requests), hp.z_batch_size):
+            chunk = requests[i:i + hp.z_batch_size]
+            for req, res in zip(chunk, optimize_targets(model, tok, spec, chunk, hp.layers[-1], thp, templates,
+                                                        where="block", fast=hp.fast_path)):
+                cols.append(res.target.float())
+                start.append(res.losses[0])
+                end.append(res.losses[-1])
+                log.debug("%s z %s: loss %.3f -> %.3f in %d steps", self.name, req.case_id, res.losses[0],
+                          res.losses[-1], res.steps)
         n = len(requests)
         losses = {"z_loss_start": sum(start) / n, "z_loss_end": sum(end) / n, "z_loss_end_max": max(end)}
         return torch.stack(cols, dim=1), losses

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.algorithms.locate import (KL_TEMPLATE, as_template_groups, fill_template, hidden_of, model_device,
+from harness.algorithms.locate import (KL_TEMPLATE, _Stop, as_template_groups, fill_template, hidden_of, model_device,
                                        replace_hidden, subject_last_index)
 from harness.algorithms.tokens import encode_prompt_target
 from harness.models import ModelSpec, cache_kwargs, get_module, num_layers, output_cache
@@ -95,37 +95,53 @@ class TargetResult:
 
 @dataclass
 class _Batch:
+    """The prompts of n requests, one row per prompt, and the positions the loss reads.
+
+    Reads are grouped by request, in request order: its NLL positions, then its KL position.
+    """
+
     ids: torch.Tensor  # [B, L] right padded
     attn: torch.Tensor  # [B, L]
     sub: torch.Tensor  # [B] subject-last index of each row (δ goes there)
-    read_rows: torch.Tensor  # [R] rows of the positions the loss reads (NLL positions, then the KL one)
+    row_req: torch.Tensor  # [B] the request each row belongs to
+    first_row: list[int]  # per request: the row of its first template (v_init is read there)
+    read_rows: torch.Tensor  # [R] rows of the positions the loss reads
     read_pos: torch.Tensor  # [R]
-    labels: torch.Tensor  # [R - 1] target ids at the NLL positions
-    n_target: int
+    read_req: torch.Tensor  # [R] the request each read belongs to
+    labels: torch.Tensor  # [R] target ids at NLL reads, -1 at KL reads
+    n_labels: torch.Tensor  # [n] NLL reads per request
 
 
-def _target_batch(tok: Any, request: EditRequest, templates: Sequence[str], dev: torch.device) -> _Batch:
-    seqs, sub, rows, pos, labels = [], [], [], [], []
-    n_target = 0
-    for j, t in enumerate(templates):
-        filled = fill_template(t, request.prompt)
-        pt = encode_prompt_target(tok, filled.replace("{}", request.subject), request.target_new)
-        ids = list(pt.prompt_ids) + list(pt.target_ids[:-1])
-        idx = subject_last_index(tok, filled, request.subject)
-        if idx >= len(pt.prompt_ids):
-            raise ValueError(f"subject index {idx} is past the prompt of {filled!r}")
-        n_target = len(pt.target_ids)
-        seqs.append(ids)
-        sub.append(idx)
-        rows += [j] * n_target
-        pos += list(range(len(ids) - n_target, len(ids)))
-        labels += list(pt.target_ids)
-    kl_text = KL_TEMPLATE.replace("{}", request.subject)
-    seqs.append(list(tok(kl_text)["input_ids"]))
-    kl_idx = subject_last_index(tok, KL_TEMPLATE, request.subject)
-    sub.append(kl_idx)
-    rows.append(len(seqs) - 1)
-    pos.append(kl_idx)
+def _target_batch(tok: Any, requests: Sequence[EditRequest], templates: Sequence[str], dev: torch.device) -> _Batch:
+    seqs: list[list[int]] = []
+    sub, row_req, first_row, rows, pos, read_req, labels, n_labels = [], [], [], [], [], [], [], []
+    for r, request in enumerate(requests):
+        first_row.append(len(seqs))
+        for t in templates:
+            filled = fill_template(t, request.prompt)
+            pt = encode_prompt_target(tok, filled.replace("{}", request.subject), request.target_new)
+            ids = list(pt.prompt_ids) + list(pt.target_ids[:-1])
+            idx = subject_last_index(tok, filled, request.subject)
+            if idx >= len(pt.prompt_ids):
+                raise ValueError(f"case {request.case_id}: subject index {idx} is past the prompt of {filled!r}")
+            n_target = len(pt.target_ids)
+            rows += [len(seqs)] * n_target
+            pos += list(range(len(ids) - n_target, len(ids)))
+            labels += list(pt.target_ids)
+            read_req += [r] * n_target
+            seqs.append(ids)
+            sub.append(idx)
+            row_req.append(r)
+        n_labels.append(n_target * len(templates))
+        kl_text = KL_TEMPLATE.replace("{}", request.subject)
+        kl_idx = subject_last_index(tok, KL_TEMPLATE, request.subject)
+        rows.append(len(seqs))
+        pos.append(kl_idx)
+        labels.append(-1)
+        read_req.append(r)
+        seqs.append(list(tok(kl_text)["input_ids"]))
+        sub.append(kl_idx)
+        row_req.append(r)
     width = max(len(s) for s in seqs)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     ids = torch.full((len(seqs), width), int(pad or 0), dtype=torch.long)
@@ -137,7 +153,8 @@ def _target_batch(tok: Any, request: EditRequest, templates: Sequence[str], dev:
     def t(x: list[int]) -> torch.Tensor:
         return torch.tensor(x, dtype=torch.long, device=dev)
 
-    return _Batch(ids.to(dev), attn.to(dev), t(sub), t(rows), t(pos), t(labels), n_target)
+    return _Batch(ids.to(dev), attn.to(dev), t(sub), t(row_req), first_row, t(rows), t(pos), t(read_req), t(labels),
+                  t(n_labels))
 
 
 def _add_at(h: torch.Tensor, sub: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -219,8 +236,35 @@ def optimize_target(model: nn.Module, tok: Any, spec: ModelSpec, request: EditRe
     Raises:
         ValueError: bad ``where``/layers, or a subject that cannot be located.
     """
+    return optimize_targets(model, tok, spec, [request], layer, hp, templates, where=where, fast=fast)[0]
+
+
+def _select_cache(cache: Any, rows: torch.Tensor, n_rows: int) -> Any:
+    """A copy of ``cache`` holding only ``rows`` (all of them: a plain copy)."""
+    out = copy.deepcopy(cache)
+    if out is not None and len(rows) < n_rows:
+        out.batch_select_indices(rows)
+    return out
+
+
+def optimize_targets(model: nn.Module, tok: Any, spec: ModelSpec, requests: Sequence[EditRequest], layer: int,
+                     hp: TargetHparams, templates: Sequence[str] | Sequence[Sequence[str]], where: str = "mlp",
+                     fast: bool = True) -> list[TargetResult]:
+    """``optimize_target`` for several requests at once: one δ per request, all prompts in one batch.
+
+    Request j's loss reads only its own rows, so ∂(Σ_j loss_j)/∂δ_j = ∂loss_j/∂δ_j, and Adam, the
+    norm clamp and the early stop act per element or per row: each δ_j follows the path it would
+    follow alone (up to floating-point summation order in the batched matmuls). A request that
+    meets its early stop is frozen and its rows leave the batch. This is what makes MEMIT's n
+    targets cheaper than n ROME targets: one forward/backward per step for the whole batch.
+
+    Returns:
+        One ``TargetResult`` per request, in order; ``seconds`` are the batch's.
+    """
     if where not in ("mlp", "block"):
         raise ValueError(f"where={where!r}: use 'mlp' (ROME) or 'block' (MEMIT)")
+    if not requests:
+        return []
     n_layers = num_layers(model)
     last = n_layers - 1
     loss_layer = last if hp.loss_layer is None else int(hp.loss_layer)
@@ -228,95 +272,134 @@ def optimize_target(model: nn.Module, tok: Any, spec: ModelSpec, request: EditRe
         raise ValueError(f"need 0 <= layer ({layer}) <= loss_layer ({loss_layer}) <= {last}")
     t_start = time.perf_counter()
     flat = [t for g in as_template_groups(templates) for t in g]
-    b = _target_batch(tok, request, flat, model_device(model))
+    b = _target_batch(tok, requests, flat, model_device(model))
+    n, n_rows = len(requests), b.ids.shape[0]
     head = _head(model, spec)
-    blocks = [get_module(model, spec.layer.format(i)) for i in range(n_layers)]
     site = get_module(model, spec.mlp.format(layer) if where == "mlp" else spec.layer.format(layer))
+    loss_block = get_module(model, spec.layer.format(loss_layer))
     sfx = _split(b, tok)
     state: dict[str, Any] = {}
 
     def capture_site(_m, _i, out):
         state["site"] = hidden_of(out).detach()
 
+    def add_delta(_m, _i, out):
+        return replace_hidden(out, _add_at(hidden_of(out), state["sub"], state["row_delta"]))
+
     def capture_loss(_m, _i, out):
         state["loss"] = hidden_of(out)
+        raise _Stop  # the blocks above and the full-vocabulary logits are not needed
 
-    def add_delta(_m, _i, out):
-        return replace_hidden(out, _add_at(hidden_of(out), state["sub"], state["delta"]))
+    def view(active: torch.Tensor, fast_mode: bool) -> dict[str, Any]:
+        """The batch restricted to the rows and reads of the ``active`` requests."""
+        rows = torch.nonzero(active[b.row_req]).squeeze(1)
+        reads = torch.nonzero(active[b.read_req]).squeeze(1)
+        new_row = torch.full((n_rows,), -1, dtype=torch.long, device=rows.device)
+        new_row[rows] = torch.arange(len(rows), device=rows.device)
+        local = torch.cumsum(active.long(), 0) - 1
+        v = {"rows": rows, "read_rows": new_row[b.read_rows[reads]], "read_req": local[b.read_req[reads]],
+             "labels": b.labels[reads], "req": torch.nonzero(active).squeeze(1)}
+        if fast_mode:
+            v.update(ids=sfx["ids"][rows], attn=sfx["attn"][rows], pos=sfx["pos"][rows],
+                     sub=torch.zeros_like(rows), read_pos=sfx["read_pos"][reads],
+                     cache=_select_cache(sfx["cache"], rows, n_rows))
+        else:
+            v.update(ids=b.ids[rows], attn=b.attn[rows], pos=None, sub=b.sub[rows], read_pos=b.read_pos[reads],
+                     cache=None)
+        return v
 
-    def logits_at(out: Any, pos: torch.Tensor) -> torch.Tensor:
-        if loss_layer == last:
-            return out.logits[b.read_rows, pos]
-        return head(state["loss"][b.read_rows, pos])
-
-    def forward_full() -> torch.Tensor:
-        state["sub"] = b.sub
-        return logits_at(model(input_ids=b.ids, attention_mask=b.attn, use_cache=False), b.read_pos)
-
-    def forward_fast() -> torch.Tensor:
-        state["sub"] = torch.zeros_like(b.sub)  # the subject's last token opens every suffix
-        cache = copy.deepcopy(sfx["cache"]) if sfx["cache"] is not None else None
-        out = model(input_ids=sfx["ids"], attention_mask=sfx["attn"], position_ids=sfx["pos"],
-                    use_cache=cache is not None, **cache_kwargs(model, cache))
-        return logits_at(out, sfx["read_pos"])
+    def forward(v: dict[str, Any], delta: torch.Tensor) -> torch.Tensor:
+        """Logits at the view's reads, with δ_j added at the subject's last token of request j's rows."""
+        state["sub"], state["row_delta"] = v["sub"], delta[b.row_req[v["rows"]]]
+        kw: dict[str, Any] = {"input_ids": v["ids"], "attention_mask": v["attn"], "use_cache": False}
+        if v["pos"] is not None:
+            kw["position_ids"] = v["pos"]
+        if v["cache"] is not None:
+            kw.update(use_cache=True, **cache_kwargs(model, copy.deepcopy(v["cache"])))
+        try:
+            model(**kw)
+        except _Stop:
+            pass
+        return head(state.pop("loss")[v["read_rows"], v["read_pos"]])
 
     handles = [site.register_forward_hook(capture_site)]
-    if loss_layer < last:
-        handles.append(blocks[loss_layer].register_forward_hook(capture_loss))
     try:
         with torch.no_grad():
-            ref = forward_full()
-            handles.pop(0).remove()
+            handles.append(site.register_forward_hook(add_delta))
+            handles.append(loss_block.register_forward_hook(capture_loss))
+            zero = torch.zeros(n, 1, device=b.ids.device)
+            ref = forward(view(torch.ones(n, dtype=torch.bool), False), zero)
+            for h in handles:
+                h.remove()
+            handles = []
             if fast and sfx["prefix_ids"] is not None:
                 sfx["cache"] = output_cache(model(input_ids=sfx["prefix_ids"], attention_mask=sfx["prefix_attn"],
                                                   position_ids=sfx["prefix_pos"], use_cache=True))
     finally:
         for h in handles:
             h.remove()
-    v_init = state["site"][0, b.sub[0]].float()
+    v_init = torch.stack([state["site"][r, b.sub[r]] for r in b.first_row]).float()  # [n, d]
     t_prep = time.perf_counter() - t_start
 
     delta = torch.zeros_like(v_init, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hp.lr)
-    max_norm = hp.clamp_norm_factor * v_init.norm()
-    v_norm2 = v_init.norm() ** 2
-    losses: list[float] = []
-    nlls: list[float] = []
+    max_norm = hp.clamp_norm_factor * v_init.norm(dim=1)
+    v_norm2 = v_init.norm(dim=1) ** 2
+    losses: list[list[float]] = [[] for _ in range(n)]
+    nlls: list[list[float]] = [[] for _ in range(n)]
+    steps = [0] * n
     kl_init: Optional[torch.Tensor] = None
-    steps, use_fast = 0, fast
+    use_fast = fast
+    active = torch.ones(n, dtype=torch.bool, device=v_init.device)
+    # without a cache that can drop rows, stopped requests stay in the batch (frozen all the same)
+    prunable = sfx.get("cache") is None or hasattr(sfx["cache"], "batch_select_indices")
 
     try:
-        handles = [site.register_forward_hook(add_delta)]
-        if loss_layer < last:
-            handles.append(blocks[loss_layer].register_forward_hook(capture_loss))
+        handles = [site.register_forward_hook(add_delta), loss_block.register_forward_hook(capture_loss)]
+        everyone = torch.ones_like(active)
+        v = view(everyone, use_fast)
         for it in range(hp.num_grad_steps):
-            state["delta"] = delta
-            logits = forward_fast() if use_fast else forward_full()
+            logits = forward(v, delta)
             if it == 0 and use_fast and not torch.allclose(logits.detach(), ref, rtol=0, atol=_tolerance(ref)):
                 log.warning("fast path differs from the full forward by %.3g at step 0; using the full forward",
                             float((logits.detach() - ref).abs().max()))
                 use_fast = False
-                logits = forward_full()
+                v = view(everyone, use_fast)
+                logits = forward(v, delta)
             logp = torch.log_softmax(logits.float(), dim=-1)
-            nll = -logp[:-1].gather(1, b.labels[:, None]).sum() / len(b.labels)  # mean over prompts and tokens
+            is_nll = v["labels"] >= 0
+            req = v["req"]  # the requests in this view (global indices), in order
+            tok_nll = -logp[is_nll].gather(1, v["labels"][is_nll, None]).squeeze(1)
+            nll = torch.zeros(len(req), device=logp.device).index_add(0, v["read_req"][is_nll], tok_nll)
+            nll = nll / b.n_labels[req]  # mean over the request's prompts and target tokens
+            kl_logp = logp[~is_nll]  # one KL read per request, in request order
             if kl_init is None:
-                kl_init = logp[-1:].detach()
-            kl = hp.kl_factor * F.kl_div(kl_init, logp[-1:], log_target=True, reduction="batchmean")
-            loss = nll + kl + hp.weight_decay * delta.norm() / v_norm2
-            losses.append(float(loss.detach()))
-            nlls.append(float(nll.detach()))
-            log.debug("target step %d: loss %.4f nll %.4f kl %.4f p(target) %.3f", it, losses[-1], nlls[-1],
-                      float(kl.detach()), math.exp(-nlls[-1]))
-            if losses[-1] < hp.early_stop_loss or it == hp.num_grad_steps - 1:
+                kl_init = kl_logp.detach()
+            kl = (kl_logp.exp() * (kl_logp - kl_init[req])).sum(-1)  # KL(P_δ ‖ P_0)
+            loss = nll + hp.kl_factor * kl + hp.weight_decay * delta[req].norm(dim=1) / v_norm2[req]
+            running = active[req]  # requests in the view that have not stopped
+            for k, j in enumerate(req.tolist()):
+                if running[k]:
+                    losses[j].append(float(loss[k].detach()))
+                    nlls[j].append(float(nll[k].detach()))
+            stop = (loss.detach() < hp.early_stop_loss) | (it == hp.num_grad_steps - 1)
+            go = running & ~stop
+            active[req[running & stop]] = False
+            if not bool(go.any()):
                 break
-            (grad,) = torch.autograd.grad(loss, [delta])
-            delta.grad = grad
-            opt.step()
-            steps += 1
+            (grad,) = torch.autograd.grad(loss[go].sum(), [delta])
             with torch.no_grad():
-                norm = delta.norm()
-                if norm > max_norm:
-                    delta.mul_(max_norm / norm)
+                kept = delta.detach().clone()
+                delta.grad = grad
+                opt.step()
+                delta[~active] = kept[~active]  # Adam's momentum must not move a stopped δ
+                norm = delta.norm(dim=1)
+                scale = torch.where(norm > max_norm, max_norm / norm.clamp_min(1e-30), torch.ones_like(norm))
+                delta.mul_(scale[:, None])
+            for j in req[go].tolist():
+                steps[j] += 1
+            if prunable and bool((~running | stop).any()):
+                v = view(active, use_fast)
     finally:
         for h in handles:
             h.remove()
@@ -324,5 +407,6 @@ def optimize_target(model: nn.Module, tok: Any, spec: ModelSpec, request: EditRe
         sfx.clear()
     delta = delta.detach()
     t_loop = time.perf_counter() - t_start - t_prep
-    return TargetResult(target=v_init + delta, v_init=v_init, delta=delta, losses=losses, nll=nlls, steps=steps,
-                        fast=use_fast, seconds={"prep": t_prep, "loop": t_loop})
+    log.debug("targets for %d requests: %.2fs prep, %.2fs loop, steps %s", n, t_prep, t_loop, steps)
+    return [TargetResult(target=v_init[j] + delta[j], v_init=v_init[j], delta=delta[j], losses=losses[j], nll=nlls[j],
+                         steps=steps[j], fast=use_fast, seconds={"prep": t_prep, "loop": t_loop}) for j in range(n)]
