@@ -306,16 +306,23 @@ def plot_retention(path: str | Path, retention: Sequence[Mapping[str, str]], ste
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     xs = [as_float(r["n_edits"]) for r in retention]
-    for m in metrics:
-        ys = [as_float(r.get(m)) for r in retention]
-        if any(not math.isnan(y) for y in ys):
-            ax1.plot(xs, ys, marker="o", label=m)
+    curves = {m: [as_float(r.get(m)) for r in retention] for m in metrics}
+    curves = {m: ys for m, ys in curves.items() if any(not math.isnan(y) for y in ys)}
+    unbounded = [m for m in curves if m == "fluency"]  # entropy in nats: its own panel, not on the 0-1 axis
+    fig, axes = plt.subplots(1, 2 + bool(unbounded), figsize=(5.5 * (2 + bool(unbounded)), 4))
+    ax1, ax2 = axes[0], axes[-1]
+    for m, ys in curves.items():
+        ax = axes[1] if m in unbounded else ax1
+        ax.plot(xs, ys, marker="o", label=m)
     ax1.set_xlabel("edits so far")
     ax1.set_ylabel("mean over all earlier edits")
     ax1.set_title("retention")
     ax1.legend(fontsize=7)
+    if unbounded:
+        axes[1].set_xlabel("edits so far")
+        axes[1].set_ylabel("n-gram entropy")
+        axes[1].set_title("fluency")
     if steps:
         ax2.plot([s for s, _, _ in steps], [n for _, n, _ in steps], lw=1)
         out = [(s, n) for s, n, o in steps if o]
