@@ -10,7 +10,7 @@ Meng et al. 2022 ("Locating and Editing Factual Associations in GPT", ROME), Men
   averaged over templates (flat list, or groups averaged within then across).
 * ``optimize_target`` (+ ``TargetHparams``, ``TargetResult``): defined in ``target.py``, reachable
   here too: the target vector of ROME (δ on the MLP output, ``where="mlp"``) or MEMIT (δ on the
-  block output, ``where="block"``), with a fast path that skips the blocks below the edit.
+  block output, ``where="block"``), with a fast path that caches the prompts up to the subject.
 
 Everything assumes right padding (the tokenizers from ``harness.models.load_model`` pad right).
 Functions here run without gradients, remove their hooks in ``finally``, and change no weights.

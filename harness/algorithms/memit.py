@@ -65,7 +65,8 @@ class SpreadHparams:
         template_seed: seed of the template sampling.
         mom2_source, mom2_n_samples, mom2_seq_len, mom2_batch_size, mom2_dtype, mom2_seed,
         stats_dir: ``stats.StatsConfig`` of C = E[k kᵀ] (count-normalised).
-        fast_path: let the z optimisation skip the blocks below the last layer (same result).
+        fast_path: run the prompts up to the subject once (KV cache) and, each step, only the tokens
+            from the subject on (same result).
         z_batch_size: requests whose z are optimised together in one batch (same result as one at a
             time; larger is faster and takes more memory).
     """

@@ -60,7 +60,8 @@ class RomeHparams:
         mom2_adjustment: use ``u ∝ C⁻¹k`` (else ``u ∝ k``, EasyEdit's default).
         mom2_source, mom2_n_samples, mom2_seq_len, mom2_batch_size, mom2_dtype, mom2_ridge,
             mom2_seed, stats_dir: ``stats.StatsConfig`` of C (used only with ``mom2_adjustment``).
-        fast_path: let the target optimisation skip the blocks below ``layer`` (same result).
+        fast_path: run the prompts up to the subject once (KV cache) and, each step, only the tokens
+            from the subject on (same result).
     """
 
     layer: int = 5
