@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from harness.algorithms.base import EditAlgorithm, add_deltas, register
-from harness.algorithms.locate import TemplateCache, compute_keys, hidden_of, model_device, subject_last_index
+from harness.algorithms.locate import (TemplateCache, _Stop, compute_keys, hidden_of, model_device,
+                                       subject_last_index)
 from harness.algorithms.solve import memit_delta, to_param_layout
 from harness.algorithms.stats import StatsCache, StatsConfig
 from harness.algorithms.target import TargetHparams, optimize_targets
@@ -128,10 +129,6 @@ class MemitHparams(SpreadHparams):
         super().__post_init__()
         if self.mom2_update_weight < 0:
             raise ValueError(f"mom2_update_weight must be >= 0, got {self.mom2_update_weight}")
-
-
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the needed block output is captured."""
 
 
 @torch.no_grad()
