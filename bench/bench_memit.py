@@ -11,23 +11,12 @@ Usage: python bench/bench_memit.py [--n 20] [--threads 2] [--data PATH]
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import logging
 import time
 
 import torch
+from _common import configured, smollm2_and_requests
 
-from harness.algorithms import get_algorithm
-from harness.cli import compose_config, to_config
-from harness.config import validate
-from harness.data import load_requests
 from harness.editor import Editor
-from harness.models import load_model
-
-
-def configured(name: str, **changes):
-    hp = validate(to_config(compose_config([f"algorithm={name}"])))
-    return get_algorithm(name)(dataclasses.replace(hp, **changes))
 
 
 def main() -> None:
@@ -36,11 +25,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--data", default=None, help="CounterFact file (default: the shipped sample)")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tok = load_model("smollm2", device="cpu", dtype="float32")
-    reqs = list(load_requests("counterfact", args.data, limit=args.n).requests)
+    model, tok, reqs = smollm2_and_requests(args.n, args.data, args.threads)
     print(f"SmolLM2-135M fp32 CPU, torch threads={torch.get_num_threads()}, {len(reqs)} CounterFact requests")
 
     rows = {}

@@ -12,15 +12,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import time
 
-import torch
+from _common import configured, smollm2_and_requests
 
-from harness.algorithms import get_algorithm
-from harness.data import load_requests
 from harness.editor import Editor
-from harness.models import load_model
 from harness.probes import build_probes, summarize
 
 
@@ -32,17 +28,9 @@ def main() -> None:
     ap.add_argument("--layers", default="3,4,5,6,7")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tok = load_model("smollm2", device="cpu", dtype="float32")
-    reqs = list(load_requests("counterfact", args.data, limit=args.n).requests)
+    model, tok, reqs = smollm2_and_requests(args.n, args.data, args.threads)
     layers = [int(x) for x in args.layers.split(",")]
-    from harness.cli import compose_config, to_config
-    from harness.config import validate
-
-    hp = dataclasses.replace(validate(to_config(compose_config(["algorithm=memit"]))), layers=layers)
-    algo = get_algorithm("memit")(hp)  # conf/algorithm/memit.yaml, so the cached C is the run's
+    algo = configured("memit", layers=layers)  # conf/algorithm/memit.yaml, so the cached C is the run's
     probes = build_probes()
     pre = probes.measure(model, tok, reqs)
     t0 = time.perf_counter()

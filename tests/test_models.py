@@ -84,10 +84,9 @@ def test_gguf_conversion_is_cached(tmp_path: Path, monkeypatch) -> None:
 def test_gguf_conversion_race_uses_the_first_result(tmp_path: Path, monkeypatch) -> None:
     """Two sweep workers convert at once: the slower one keeps the faster one's directory."""
     out = tmp_path / "models" / "m"
-    first = _fake_gguf_loader([])
 
     def load_while_another_finishes(path, dtype):
-        model, tok = first(path, dtype)
+        model, tok = models.tiny_model(arch="llama", n_layers=1)  # the other worker's result
         out.mkdir(parents=True)
         model.save_pretrained(out, safe_serialization=True)
         tok.save_pretrained(out)

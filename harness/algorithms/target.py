@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from harness.algorithms.locate import (KL_TEMPLATE, _Stop, as_template_groups, fill_template, hidden_of, model_device,
@@ -117,6 +115,7 @@ def _target_batch(tok: Any, requests: Sequence[EditRequest], templates: Sequence
     sub, row_req, first_row, rows, pos, read_req, labels, n_labels = [], [], [], [], [], [], [], []
     for r, request in enumerate(requests):
         first_row.append(len(seqs))
+        n_labels.append(0)
         for t in templates:
             filled = fill_template(t, request.prompt)
             pt = encode_prompt_target(tok, filled.replace("{}", request.subject), request.target_new)
@@ -129,10 +128,10 @@ def _target_batch(tok: Any, requests: Sequence[EditRequest], templates: Sequence
             pos += list(range(len(ids) - n_target, len(ids)))
             labels += list(pt.target_ids)
             read_req += [r] * n_target
+            n_labels[-1] += n_target
             seqs.append(ids)
             sub.append(idx)
             row_req.append(r)
-        n_labels.append(n_target * len(templates))
         kl_text = KL_TEMPLATE.replace("{}", request.subject)
         kl_idx = subject_last_index(tok, KL_TEMPLATE, request.subject)
         rows.append(len(seqs))
@@ -240,10 +239,14 @@ def optimize_target(model: nn.Module, tok: Any, spec: ModelSpec, request: EditRe
 
 
 def _select_cache(cache: Any, rows: torch.Tensor, n_rows: int) -> Any:
-    """A copy of ``cache`` holding only ``rows`` (all of them: a plain copy)."""
+    """``cache`` restricted to ``rows``: a copy when some rows go, ``cache`` itself when all stay.
+
+    (Each forward works on its own deep copy, so the returned cache is never written to.)
+    """
+    if cache is None or len(rows) == n_rows:
+        return cache
     out = copy.deepcopy(cache)
-    if out is not None and len(rows) < n_rows:
-        out.batch_select_indices(rows)
+    out.batch_select_indices(rows)
     return out
 
 
@@ -352,7 +355,7 @@ def optimize_targets(model: nn.Module, tok: Any, spec: ModelSpec, requests: Sequ
     use_fast = fast
     active = torch.ones(n, dtype=torch.bool, device=v_init.device)
     # without a cache that can drop rows, stopped requests stay in the batch (frozen all the same)
-    prunable = sfx.get("cache") is None or hasattr(sfx["cache"], "batch_select_indices")
+    prunable = sfx["cache"] is None or hasattr(sfx["cache"], "batch_select_indices")
 
     try:
         handles = [site.register_forward_hook(add_delta), loss_block.register_forward_hook(capture_loss)]
@@ -398,7 +401,7 @@ def optimize_targets(model: nn.Module, tok: Any, spec: ModelSpec, requests: Sequ
                 delta.mul_(scale[:, None])
             for j in req[go].tolist():
                 steps[j] += 1
-            if prunable and bool((~running | stop).any()):
+            if prunable and bool((running & stop).any()):
                 v = view(active, use_fast)
     finally:
         for h in handles:

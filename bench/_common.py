@@ -1,0 +1,36 @@
+"""What the SmolLM2 benchmark scripts share: the model, CounterFact requests, configured algorithms."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Optional
+
+import torch
+
+from harness.algorithms import get_algorithm
+from harness.cli import compose_config, to_config
+from harness.config import validate
+from harness.data import load_requests
+from harness.models import load_model
+from harness.types import EditRequest
+
+
+def smollm2_and_requests(n: int, data: Optional[str] = None, threads: int = 0) -> tuple[Any, Any, list[EditRequest]]:
+    """SmolLM2 (fp32, CPU) and the first ``n`` CounterFact requests of ``data`` (None: the shipped sample).
+
+    ``threads`` > 0 sets torch's thread count first; quiet logging.
+    """
+    logging.basicConfig(level=logging.WARNING)
+    if threads:
+        torch.set_num_threads(threads)
+    model, tok = load_model("smollm2", device="cpu", dtype="float32")
+    return model, tok, list(load_requests("counterfact", data, limit=n).requests)
+
+
+def configured(name: str, **changes: Any):
+    """Algorithm ``name`` with the hyperparameters of conf/algorithm/<name>.yaml, ``changes`` applied.
+
+    Using the shipped config keeps the statistics cache key (C, P) the same as the runs'.
+    """
+    hp = validate(to_config(compose_config([f"algorithm={name}"])))
+    return get_algorithm(name)(dataclasses.replace(hp, **changes))
