@@ -17,13 +17,15 @@ import logging
 import math
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from harness.config import CONF_DIR, Config, register_configs
+from harness.config import CONF_DIR, Config, ConfigError, check_known_keys, register_configs
 from harness.results import format_table
 
 log = logging.getLogger("harness")
@@ -34,7 +36,13 @@ MAIN_PHASES = ("pre", "post", "final")
 
 
 def to_config(cfg: DictConfig) -> Config:
-    """The typed ``Config`` of a composed config; raises on missing mandatory values (``???``)."""
+    """The typed ``Config`` of a composed config.
+
+    Raises:
+        ConfigError: a key that a typed group does not declare (``+key=value`` typos).
+        omegaconf errors / ValueError: missing mandatory values (``???``), invalid values.
+    """
+    check_known_keys(cfg)
     return OmegaConf.to_object(cfg)
 
 
@@ -60,15 +68,23 @@ def summary_table(summary: Sequence[dict]) -> str:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _app(cfg: DictConfig) -> None:
-    from harness.runner import run
+    from harness.results import ResumeError
+    from harness.runner import SetupError, run
 
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
-    conf = to_config(cfg)
+    try:
+        conf = to_config(cfg)
+    except (ConfigError, ValueError, OmegaConfBaseException) as exc:
+        fail(f"config: {exc}")
     try:
         result = run(conf, out, list(hc.overrides.task))
+    except (SetupError, ResumeError) as exc:
+        fail(str(exc))
     except KeyboardInterrupt:
-        print(f"\ninterrupted: the model was restored and every finished case is in {out / 'cases.csv'}.\n"
+        cases = out / "cases.csv"
+        where = (f"every finished case is in {cases}" if cases.exists() else "no case had finished")
+        print(f"\ninterrupted: the model was restored and {where}.\n"
               f"Resume with the same command plus hydra.run.dir={out}", file=sys.stderr)
         sys.exit(130)
     print(f"\n{conf.algorithm.name} on {conf.model.name or conf.model.source}: {result.n_cases} case(s), "
@@ -76,6 +92,15 @@ def _app(cfg: DictConfig) -> None:
     print(summary_table(result.summary))
     print(f"tables: {out / 'cases.csv'}  {out / 'summary.csv'}" +
           (f"  {out / 'retention.csv'}" if (out / "retention.csv").exists() else ""))
+    if result.n_cases and result.n_errors == result.n_cases:
+        fail(f"every case failed ({result.n_errors} error row(s) in {out / 'cases.csv'}; see its error column)",
+             code=1)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print ``error: message`` on stderr (no traceback) and exit with ``code``."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
 
 
 def main() -> None:

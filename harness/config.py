@@ -118,6 +118,9 @@ class Config:
         offload_snapshot: keep snapshots on the CPU (Editor option).
         threads: torch CPU threads (None: torch's default). 1 is much faster on a busy machine and
             for parallel local workers.
+        max_prompt_tokens: longest text (prompt plus answer) a case may hold, in tokens; a longer
+            case becomes an error row. None: the model's context length.
+        retry_errors: on resume, run the cases recorded with ``status=error`` again (single-edit runs).
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -135,12 +138,50 @@ class Config:
     verify_untouched: bool = True
     offload_snapshot: bool = False
     threads: Optional[int] = None
+    max_prompt_tokens: Optional[int] = None
+    retry_errors: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 2:
+            raise ValueError(f"max_prompt_tokens must be >= 2 (or null), got {self.max_prompt_tokens}")
         if any(n < 1 for n in self.eval.retention_at):
             raise ValueError(f"eval.retention_at must hold positive edit counts, got {self.eval.retention_at}")
+
+
+class ConfigError(ValueError):
+    """A composed config holds a key its schema does not know (e.g. a misspelled ``+key=value``)."""
+
+
+def check_known_keys(cfg: Any, path: str = "") -> None:
+    """Refuse keys that typed nodes of a composed config do not declare.
+
+    Hydra's ``+key=value`` adds a key even to a typed (structured) node, and ``OmegaConf.to_object``
+    then drops it silently: a misspelled ``+algorithm.hparams.num_step=1`` would be ignored while
+    the run looks configured. Untyped nodes (``model.spec``, ``model.tiny``) accept any key.
+
+    Raises:
+        ConfigError: naming the unknown key and listing the valid ones.
+    """
+    from omegaconf import DictConfig, OmegaConf
+
+    if not isinstance(cfg, DictConfig):
+        return
+    typ = OmegaConf.get_type(cfg)
+    if dataclasses.is_dataclass(typ):
+        known = [f.name for f in dataclasses.fields(typ)]
+        unknown = [k for k in cfg.keys() if k not in known]
+        if unknown:
+            where = f"{path}." if path else ""
+            raise ConfigError(f"unknown key '{where}{unknown[0]}' (a typo in a +key=value override?); valid keys "
+                              f"of {path or 'the config'}: {', '.join(sorted(known))}")
+    for key in cfg.keys():
+        if key == "hydra":
+            continue
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and not node._is_none() and not node._is_missing():
+            check_known_keys(node, f"{path}.{key}" if path else str(key))
 
 
 def _hparams_node(cls: type) -> Any:

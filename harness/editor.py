@@ -92,6 +92,34 @@ class Editor:
         self.n_edits = 0  # requests applied and kept (sequential mode)
         self._expected = fingerprint(model) if verify_untouched else {}
         self._base_state = _clone_state(algorithm.state_dict())
+        self.prepared = False  # algorithm.prepare has run on the base model
+        self.prepare_seconds = 0.0
+
+    def prepare(self) -> float:
+        """Run the algorithm's ``prepare`` on the base model, once (later calls are free).
+
+        The Editor calls it before the first edit and before a checkpoint is loaded, so whatever
+        the algorithm derives from the model (templates, statistics, projectors) comes from the
+        unedited model, never from an edited one.
+
+        Returns:
+            Seconds spent now (0.0 when already prepared).
+
+        Raises:
+            RuntimeError: the model already holds edits made through this Editor.
+            RestoreError: ``prepare`` changed the model.
+        """
+        if self.prepared:
+            return 0.0
+        if len(self.originals):
+            raise RuntimeError(f"{self.algorithm.name}: prepare must run on the base model, but this Editor's "
+                               f"model holds {self.n_edits} edit(s); call restore() first")
+        t = time.perf_counter()
+        self.algorithm.prepare(self.model, self.tok)
+        self._check_untouched(exclude=set())
+        self.prepared = True
+        self.prepare_seconds = time.perf_counter() - t
+        return self.prepare_seconds
 
     # ------------------------------------------------------------------------------------------
     def evaluate(self, requests: Sequence[EditRequest], reference: Measurement | None = None) -> Measurement:
@@ -133,6 +161,7 @@ class Editor:
         if probing and pre is None:
             pre = self.evaluate(batch)
         timings["pre"] = time.perf_counter() - t
+        timings["prepare"] = self.prepare()
 
         targets = self.declared_targets(batch)
         self.weights_copy = WeightsCopy.take(self.model, targets, offload=self.offload_snapshot)
@@ -229,7 +258,12 @@ class Editor:
             (d / (name + ".tmp")).replace(d / name)
 
     def load_checkpoint(self, directory: str | Path) -> None:
-        """Put a checkpoint onto this Editor's model, which must be the base model."""
+        """Put a checkpoint onto this Editor's model, which must be the base model.
+
+        The algorithm is prepared first (on the base model), so nothing it derives from the model
+        is computed on the checkpoint's edited weights.
+        """
+        self.prepare()
         d = Path(directory)
         names = apply_delta(self.model, d / "delta.safetensors", originals=self.originals)
         state = load_file(str(d / "algorithm_state.safetensors"))

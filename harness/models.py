@@ -157,6 +157,17 @@ def num_layers(model: nn.Module) -> int:
     return int(cfg.num_hidden_layers)
 
 
+def context_length(model: nn.Module) -> int | None:
+    """The longest sequence the model's position scheme supports (None when the config does not say)."""
+    cfg = model.config
+    cfg = getattr(cfg, "text_config", None) or cfg
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def get_module(model: nn.Module, path: str) -> nn.Module:
     """``model.get_submodule`` with an error that names the path."""
     try:

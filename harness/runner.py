@@ -34,14 +34,20 @@ from tqdm.auto import tqdm
 
 from harness.algorithms import get_algorithm
 from harness.config import Config, validate
+from harness.data.common import DataError
 from harness.editor import Editor, RestoreError
-from harness.models import load_model
+from harness.models import context_length, load_model
 from harness.probes import METRICS, Measurement, build_probes
-from harness.results import CASES, SUMMARY, ResumeError, RowTable, read_json, write_json, write_summary
+from harness.results import (CASES, SUMMARY, ResumeError, RowTable, read_json, write_csv, write_json,
+                             write_summary)
 from harness.snapshot import model_digest
 from harness.types import EditRequest
 
 log = logging.getLogger(__name__)
+
+class SetupError(RuntimeError):
+    """The run cannot start: bad config, data or hyperparameters (found before any row is written)."""
+
 
 CASE_COLUMNS = ["case_id", "point", "step", "n_edits", "status", "error", "pre_s", "edit_s", "probe_s",
                 "restore_s", "verify_s", "snapshot_bytes", "n_targets", "delta_norm", "outlier", "probe_versions"]
@@ -165,18 +171,32 @@ class Run:
     def __init__(self, cfg: Config, out_dir: str | Path, overrides: Sequence[str] = (),
                  cache: ModelCache | None = None, progress: bool = True) -> None:
         self.cfg, self.out, self.progress = cfg, Path(out_dir), progress
-        self.out.mkdir(parents=True, exist_ok=True)
-        hparams = validate(cfg)  # before loading anything: unknown algorithm / bad hparams fail now
+        # Everything that can be checked without the model is checked first, then everything that
+        # needs it; only then is anything written (run.json, cases.csv). A setting that cannot work
+        # is one SetupError, before any row.
+        hparams = self._setup("config", lambda: validate(cfg))
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self._check_config(overrides)
+        if cfg.retry_errors and not cfg.keep_original_weight:
+            raise SetupError("retry_errors=true applies to single-edit runs; a sequential run cannot redo a step "
+                             "in the middle of its sequence")
+        p = cfg.probes
+        self.probes = self._setup("probes", lambda: build_probes(
+            metrics=p.metrics, batch_size=p.batch_size, fluency=p.fluency,
+            fluency_max_new_tokens=p.fluency_max_new_tokens, seed=p.seed, fluency_max_prompts=p.fluency_max_prompts))
+        self.requests = self._setup("data", self._load_requests)
+        self.by_id = {r.case_id: r for r in self.requests}
+        if len(self.by_id) != len(self.requests):
+            raise SetupError("the data has duplicate case ids; rows could not be told apart")
+        self.out.mkdir(parents=True, exist_ok=True)
+        record = self._check_config(overrides)
         self.loaded = (cache or MODEL_CACHE).get(cfg)
         self.model, self.tok = self.loaded.model, self.loaded.tok
         self.algorithm = get_algorithm(cfg.algorithm.name)(hparams)
-        p = cfg.probes
-        self.probes = build_probes(metrics=p.metrics, batch_size=p.batch_size, fluency=p.fluency,
-                                   fluency_max_new_tokens=p.fluency_max_new_tokens, seed=p.seed,
-                                   fluency_max_prompts=p.fluency_max_prompts)
+        self.editor = Editor(self.model, self.tok, self.algorithm, self.probes,
+                             keep_original_weight=cfg.keep_original_weight,
+                             offload_snapshot=cfg.offload_snapshot, verify_untouched=cfg.verify_untouched)
+        self.max_tokens = self._setup("model", self._check_against_model)
         self.metrics = case_metrics(self.probes)
         names = self.metrics + [i.name for i in self.probes.infos() if i.name not in self.metrics]
         self.versions = {m: METRICS[m].version for m in names}
@@ -185,31 +205,56 @@ class Run:
                       **parse_overrides(overrides)}
         columns = [*self.ident, *CASE_COLUMNS, *(f"pre_{m}" for m in self.metrics),
                    *(f"post_{m}" for m in self.metrics), "report"]
+        if record is not None:
+            write_json(self.out / "run.json", record)
         self.table = RowTable(self.out / CASES, columns, CASE_KEY)
-        self.requests = self._load_requests()
-        self.by_id = {r.case_id: r for r in self.requests}
-        if len(self.by_id) != len(self.requests):
-            raise ValueError("the data has duplicate case ids; rows could not be told apart")
-        self.editor = Editor(self.model, self.tok, self.algorithm, self.probes,
-                             keep_original_weight=cfg.keep_original_weight,
-                             offload_snapshot=cfg.offload_snapshot, verify_untouched=cfg.verify_untouched)
         self.pre: dict[str, Measurement] = {}
         self.pre_s: dict[str, float] = {}
+        self.pre_error: dict[str, str] = {}  # case id -> why its pre-edit measurement failed
         self.n_written = 0
 
     # -- setup -----------------------------------------------------------------------------------
-    def _check_config(self, overrides: Sequence[str]) -> None:
-        """Record the config in ``run.json``; refuse to resume a run of a different config."""
+    @staticmethod
+    def _setup(what: str, fn: Any) -> Any:
+        """``fn()``, with any error it raises turned into one ``SetupError`` saying what was being checked."""
+        try:
+            return fn()
+        except SetupError:
+            raise
+        except DataError as exc:
+            raise SetupError(f"data: {exc} (data.skip_invalid=true leaves invalid records out)") from exc
+        except (ValueError, TypeError, KeyError, FileNotFoundError, RuntimeError) as exc:
+            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            raise SetupError(f"{what}: {msg}") from exc
+
+    def _check_against_model(self) -> int:
+        """What needs the loaded model: the algorithm's targets exist, its preparation runs.
+
+        Returns:
+            The token limit of one probe or edit text (``max_prompt_tokens`` or the model's context).
+        """
+        first = self.requests[:self.cfg.batch_size]
+        if first:
+            self.editor.declared_targets(first)
+        seconds = self.editor.prepare()
+        if seconds:
+            log.info("prepared %s on the base model in %.1fs", self.cfg.algorithm.name, seconds)
+        limit = self.cfg.max_prompt_tokens or context_length(self.model)
+        return int(limit) if limit else 0
+
+    def _check_config(self, overrides: Sequence[str]) -> dict[str, Any] | None:
+        """Refuse to resume a run of a different config; return the ``run.json`` record to write
+        once the run is known to start (None when it exists already)."""
         conf = dataclasses.asdict(self.cfg)
         conf["data"].pop("limit")  # extending a run with a larger limit is allowed
-        conf.pop("threads")  # how fast, not what: a run may resume with another thread count
+        for key in ("threads", "retry_errors"):  # how, not what: a run may resume with other values
+            conf.pop(key)
         conf = json.loads(json.dumps(conf, sort_keys=True, default=str))
         old = read_json(self.out / "run.json")
         if old is not None and old["config"] != conf:
             raise ResumeError(f"{self.out} holds a run of a different configuration (see its run.json); "
                               "rerun with the same settings or choose a fresh hydra.run.dir")
-        if old is None:
-            write_json(self.out / "run.json", {"config": conf, "overrides": list(overrides)})
+        return {"config": conf, "overrides": list(overrides)} if old is None else None
 
     def _load_requests(self) -> list[EditRequest]:
         from harness.data import load_requests
@@ -229,34 +274,85 @@ class Run:
 
     # -- pre-edit measurements -------------------------------------------------------------------
     def ensure_pre(self, requests: Sequence[EditRequest], chunk: int = 8) -> None:
-        """Measure (on the model as it stands, which must be the base) the pre of requests lacking one."""
+        """Measure (on the model as it stands, which must be the base) the pre of requests lacking one.
+
+        Per-case isolation: a request too long for the model, or whose measurement raises, gets
+        an entry in ``pre_error`` (it becomes an error row) and the others are measured.
+        """
         todo = []
         for r in requests:
-            if r.case_id in self.pre:
+            if r.case_id in self.pre or r.case_id in self.pre_error:
                 continue
             hit = self.loaded.pre.get(self._pre_key(r), r)
             if hit is not None:
                 self.pre[r.case_id], self.pre_s[r.case_id] = hit, 0.0
+                continue
+            too_long = self._too_long(r)
+            if too_long:
+                self.pre_error[r.case_id] = too_long
             else:
                 todo.append(r)
         for part in chunks(todo, chunk):
-            t0 = time.perf_counter()
-            m = self.editor.evaluate(part)
-            dt = (time.perf_counter() - t0) / len(part)
-            for i, r in enumerate(part):
-                one = m.subset([i])
-                self.pre[r.case_id], self.pre_s[r.case_id] = one, dt
-                self.loaded.pre.put(self._pre_key(r), r, one)
+            try:
+                self._measure_pre(part)
+            except (KeyboardInterrupt, RestoreError):
+                raise
+            except Exception:  # find the culprit(s): measure one by one
+                for r in part:
+                    try:
+                        self._measure_pre([r])
+                    except (KeyboardInterrupt, RestoreError):
+                        raise
+                    except Exception as exc:
+                        self.pre_error[r.case_id] = "pre-edit measurement failed: " + self.error_text(exc)
+                        log.error("case %s: %s", r.case_id, self.pre_error[r.case_id])
+
+    def _measure_pre(self, part: Sequence[EditRequest]) -> None:
+        t0 = time.perf_counter()
+        m = self.editor.evaluate(part)
+        dt = (time.perf_counter() - t0) / len(part)
+        for i, r in enumerate(part):
+            one = m.subset([i])
+            self.pre[r.case_id], self.pre_s[r.case_id] = one, dt
+            self.loaded.pre.put(self._pre_key(r), r, one)
+
+    def _too_long(self, r: EditRequest) -> str | None:
+        """Why ``r`` cannot be run on this model (a text over the token limit), or None."""
+        if not self.max_tokens:
+            return None
+        for name, text in r.texts():
+            n = len(self.tok(text)["input_ids"])
+            if n > self.max_tokens:
+                source = "max_prompt_tokens" if self.cfg.max_prompt_tokens else "the model's context length"
+                return (f"case {r.case_id}: field {name!r} is {n} tokens, over the limit of {self.max_tokens} "
+                        f"({source})")
+        return None
 
     def pre_of(self, batch: Sequence[EditRequest]) -> Measurement:
         return Measurement.concat([self.pre[r.case_id] for r in batch])
 
+    def split_runnable(self, batch: Sequence[EditRequest], step: int, n_edits: int) -> list[EditRequest]:
+        """The requests of ``batch`` whose pre-edit measurement exists; error rows for the others."""
+        good = []
+        for r in batch:
+            if r.case_id in self.pre_error:
+                self.write(self.row(r, "edit", step, n_edits, error=self.pre_error[r.case_id]))
+            else:
+                good.append(r)
+        return good
+
     # -- rows ------------------------------------------------------------------------------------
     def row(self, r: EditRequest, point: str, step: int, n_edits: int, *, pre: dict | None = None,
-            post: dict | None = None, error: str | None = None, **cells: Any) -> dict[str, Any]:
-        """A ``cases.csv`` row (identity, case, status, metric cells); ``cells`` fill the rest."""
+            post: dict | None = None, error: str | None = None, nonfinite: bool = False,
+            **cells: Any) -> dict[str, Any]:
+        """A ``cases.csv`` row (identity, case, status, metric cells); ``cells`` fill the rest.
+
+        ``status`` is ``error`` (with the error text), ``nonfinite`` (the model's logits were not
+        finite for this case: its metrics are empty, not 0) or ``ok``.
+        """
+        status = "error" if error else "nonfinite" if nonfinite else "ok"
         row: dict[str, Any] = {**self.ident, "case_id": r.case_id, "point": point, "step": step, "n_edits": n_edits,
-                               "status": "error" if error else "ok", "error": error,
+                               "status": status, "error": error,
                                "probe_versions": " ".join(f"{m}={v}" for m, v in self.versions.items()), **cells}
         for prefix, values in (("pre", pre), ("post", post)):
             for m in self.metrics:
@@ -288,6 +384,8 @@ class Run:
         """Run every case not yet recorded, then write the summary and (optionally) the model."""
         if self.table.rows:
             log.info("resuming: %d row(s) already in %s", len(self.table.rows), self.table.path)
+            if self.cfg.retry_errors:
+                self.drop_error_rows()
         if self.cfg.keep_original_weight:
             self.single()
             self.save_model()
@@ -305,23 +403,48 @@ class Run:
         bs = self.cfg.batch_size
         for i, batch in enumerate(tqdm(list(chunks(pending, bs)), desc="edits", disable=not self.progress)):
             self.ensure_pre(pending[i * bs:(i + 1) * bs + max(8 - bs, 0)])
+            batch = self.split_runnable(batch, 1, len(batch))
+            if not batch:
+                continue
             self.seed(0)
             n = len(batch)
             try:
                 out = self.editor.edit(batch, pre=self.pre_of(batch))
             except (KeyboardInterrupt, RestoreError):
                 raise
-            except Exception as exc:  # recorded as an error row; the Editor has restored the model
-                log.error("case(s) %s failed: %s", [r.case_id for r in batch], self.error_text(exc))
-                for r in batch:
-                    self.write(self.row(r, "edit", 1, n, pre=self.pre[r.case_id].metrics[0],
-                                        error=self.error_text(exc), pre_s=self.pre_s[r.case_id]))
+            except Exception as exc:  # recorded as error rows; the Editor has restored the model
+                self.error_rows(batch, 1, n, exc)
                 continue
+            self.outcome_rows(batch, out, 1, n)
+
+    def error_rows(self, batch: Sequence[EditRequest], step: int, n_edits: int, exc: Exception) -> None:
+        """One error row per request of a failed edit call (the Editor has rolled the call back)."""
+        log.error("step %d (case(s) %s) failed: %s", step, [r.case_id for r in batch], self.error_text(exc))
+        for r in batch:
+            self.write(self.row(r, "edit", step, n_edits, pre=self.pre[r.case_id].metrics[0],
+                                error=self.error_text(exc), pre_s=self.pre_s[r.case_id]))
+
+    def outcome_rows(self, batch: Sequence[EditRequest], out: Any, step: int, n_edits: int,
+                     **cells: Any) -> None:
+        """One row per request of a successful edit call."""
+        n = len(batch)
+        if "delta_norm" not in cells:
             norms = out.report.delta_norms
-            norm = math.sqrt(sum(v * v for v in norms.values())) if norms or not out.targets else None
-            for j, r in enumerate(batch):
-                self.write(self.row(r, "edit", 1, n, pre=out.pre.metrics[j], post=out.post.metrics[j],
-                                    pre_s=self.pre_s[r.case_id], delta_norm=norm, **self.outcome_cells(out, n)))
+            cells["delta_norm"] = math.sqrt(sum(v * v for v in norms.values())) if norms or not out.targets else None
+        for j, r in enumerate(batch):
+            bad = bool(out.pre.extras[j].get("nonfinite") or out.post.extras[j].get("nonfinite"))
+            self.write(self.row(r, "edit", step, n_edits, pre=out.pre.metrics[j], post=out.post.metrics[j],
+                                nonfinite=bad, pre_s=self.pre_s[r.case_id], **cells, **self.outcome_cells(out, n)))
+
+    def drop_error_rows(self) -> None:
+        """``retry_errors``: remove the error rows of single-edit cases so that they run again."""
+        rows = self.table.rows
+        keep = [r for r in rows if r["status"] != "error"]
+        if len(keep) == len(rows):
+            return
+        write_csv(self.table.path, self.table.columns, keep)
+        self.table = RowTable(self.table.path, self.table.columns, self.table.key)
+        log.info("retry_errors: %d error row(s) removed; those cases run again", len(rows) - len(keep))
 
     def save_model(self) -> None:
         """With ``save_model``: the model as it stands (safetensors) + tokenizer, and the accumulated delta."""
@@ -337,7 +460,7 @@ class Run:
         rows = self.table.rows
         summary = write_summary(self.out / SUMMARY, rows, self.metrics, self.ident, self.versions)
         edits = [r for r in rows if r["point"] == "edit"]
-        errors = sum(r["status"] != "ok" for r in edits)
+        errors = sum(r["status"] == "error" for r in edits)
         return RunResult(self.out, len(edits), errors, self.n_written, summary)
 
 

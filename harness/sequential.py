@@ -11,8 +11,11 @@ Editor's snapshot and flagged as an outlier when it exceeds ``eval.outlier_facto
 running median of the earlier steps' norms (the "disabling edits" of Gupta et al. 2024).
 
 Resume: the checkpoint directory is replaced atomically (written as ``checkpoint.tmp``, then swapped
-in), holds the Editor's checkpoint plus ``runner.json`` (batches done, edited case ids, step norms),
-and is loaded onto the freshly loaded base model after the pre-edit measurements were taken on it.
+in; the previous one stays as ``checkpoint.old``), holds the Editor's checkpoint plus ``runner.json``
+(batches done, edited case ids, step norms), and is loaded onto the freshly loaded base model after
+the pre-edit measurements were taken and the algorithm was prepared on it (so templates, key
+statistics and projectors come from the base model, exactly as in an uninterrupted run). A corrupt
+latest checkpoint falls back to the previous one.
 Steps between the checkpoint and a kill are redone; their rows are already on disk and are not
 written twice (the edits are deterministic: each call reseeds torch with its step).
 """
@@ -28,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from harness.editor import RestoreError
+from harness.snapshot import SnapshotError
 from harness.probes import Measurement, summarize
 from harness.results import RETENTION, ResumeError, RowTable, plot_retention, read_json, write_json
 
@@ -67,6 +71,7 @@ class Sequential:
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
+        """Write ``checkpoint/`` atomically; the one before it stays as ``checkpoint.old`` (fallback)."""
         tmp, old = self.ckpt.with_name("checkpoint.tmp"), self.ckpt.with_name("checkpoint.old")
         shutil.rmtree(tmp, ignore_errors=True)
         self.run.editor.save_checkpoint(tmp)
@@ -77,24 +82,45 @@ class Sequential:
             shutil.rmtree(old, ignore_errors=True)
             self.ckpt.rename(old)
         tmp.rename(self.ckpt)
-        shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self) -> None:
-        """Put the last checkpoint (if any) onto the base model and restore the loop's state."""
-        src = self.ckpt if self.ckpt.exists() else self.ckpt.with_name("checkpoint.old")
-        state = read_json(src / "runner.json") if src.exists() else None
-        if state is None:
+        """Put the last good checkpoint (if any) onto the base model and restore the loop's state.
+
+        The algorithm is prepared on the base model first (``Editor.load_checkpoint``). A corrupt
+        latest checkpoint falls back to the previous one (the steps after it are redone, their rows
+        are already on disk); when none can be read the run is refused.
+
+        Raises:
+            ResumeError: every checkpoint present is unreadable, or was made with other batches.
+        """
+        found = [d for d in (self.ckpt, self.ckpt.with_name("checkpoint.old")) if d.exists()]
+        problems = []
+        for src in found:
+            try:
+                state = read_json(src / "runner.json")
+                if state is None:
+                    raise FileNotFoundError(f"{src / 'runner.json'} is missing")
+                done = [[r.case_id for r in b] for b in self.batches[:state["position"]]]
+                if done != state["batches"]:
+                    raise ResumeError(f"{src}: the checkpoint was made with other batches of requests")
+                self.run.editor.load_checkpoint(src)
+            except ResumeError:
+                raise
+            except (OSError, ValueError, KeyError, TypeError, SnapshotError) as exc:
+                problems.append(f"{src}: {exc}")
+                log.warning("cannot resume from %s (%s)%s", src, exc,
+                            "; trying the previous checkpoint" if src != found[-1] else "")
+                continue
+            if self.run.editor.n_edits != state["n_edits"]:
+                raise ResumeError(
+                    f"{src}: the editor holds {self.run.editor.n_edits} edits, runner.json says {state['n_edits']}")
+            self.position, self.edited = state["position"], list(state["edited"])
+            self.steps = [(int(s), float(n), bool(o)) for s, n, o in state["steps"]]
+            log.info("resumed from %s: %d batch(es), %d edit(s) done", src, self.position, len(self.edited))
             return
-        done = [[r.case_id for r in b] for b in self.batches[:state["position"]]]
-        if done != state["batches"]:
-            raise ResumeError(f"{src}: the checkpoint was made with other batches of requests")
-        self.run.editor.load_checkpoint(src)
-        if self.run.editor.n_edits != state["n_edits"]:
-            raise ResumeError(
-                f"{src}: the editor holds {self.run.editor.n_edits} edits, runner.json says {state['n_edits']}")
-        self.position, self.edited = state["position"], list(state["edited"])
-        self.steps = [(int(s), float(n), bool(o)) for s, n, o in state["steps"]]
-        log.info("resumed from %s: %d batch(es), %d edit(s) done", src, self.position, len(self.edited))
+        if problems:
+            raise ResumeError("no usable checkpoint: " + "; ".join(problems) +
+                              "; move the run directory aside to start again")
 
     # -- the loop --------------------------------------------------------------------------------
     def points_crossed(self, before: int, after: int) -> bool:
@@ -110,18 +136,16 @@ class Sequential:
     def step(self, index: int) -> None:
         """Apply batch ``index`` (step ``index + 1``) and write its rows."""
         run, editor, step = self.run, self.run.editor, index + 1
-        batch = self.batches[index]
-        n = len(batch)
+        batch = run.split_runnable(self.batches[index], step, editor.n_edits)
+        if not batch:
+            return
         run.seed(step)
         try:
             out = editor.edit(batch, pre=run.pre_of(batch))
         except (KeyboardInterrupt, RestoreError):
             raise
         except Exception as exc:  # the Editor rolled this step back; record and go on
-            log.error("step %d (cases %s) failed: %s", step, [r.case_id for r in batch], run.error_text(exc))
-            for r in batch:
-                run.write(run.row(r, "edit", step, editor.n_edits, pre=run.pre[r.case_id].metrics[0],
-                                  error=run.error_text(exc), pre_s=run.pre_s[r.case_id]))
+            run.error_rows(batch, step, editor.n_edits, exc)
             return
         norm = _norm(dict(run.model.named_parameters()), editor.weights_copy.tensors)
         flag = self.outlier(norm)
@@ -130,9 +154,7 @@ class Sequential:
                         self.cfg.eval.outlier_factor)
         self.steps.append((step, norm, flag))
         self.edited += [r.case_id for r in batch]
-        for j, r in enumerate(batch):
-            run.write(run.row(r, "edit", step, editor.n_edits, pre=out.pre.metrics[j], post=out.post.metrics[j],
-                              pre_s=run.pre_s[r.case_id], delta_norm=norm, outlier=flag, **run.outcome_cells(out, n)))
+        run.outcome_rows(batch, out, step, editor.n_edits, delta_norm=norm, outlier=flag)
 
     def retention(self, step: int) -> None:
         """Re-evaluate every edit so far against its pre measurement; rows, retention.csv, plot."""
@@ -148,9 +170,9 @@ class Sequential:
         post = Measurement.concat(posts)
         dt = (time.perf_counter() - t0) / max(len(requests), 1)
         n_edits = run.editor.n_edits
-        for r, values in zip(requests, post.metrics):
+        for r, values, extra in zip(requests, post.metrics, post.extras):
             run.write(run.row(r, "retention", step, n_edits, pre=run.pre[r.case_id].metrics[0], post=values,
-                              probe_s=dt))
+                              nonfinite=bool(extra.get("nonfinite")), probe_s=dt))
         last = max((int(x["step"]) for x in self.ret.rows), default=0)
         recent = [(n, o) for s, n, o in self.steps if last < s <= step]
         means = {m: st["mean"] for m, st in summarize(post.metrics).items() if m in self.ret_metrics}
@@ -168,6 +190,7 @@ class Sequential:
     def execute(self) -> None:
         run = self.run
         run.ensure_pre(run.requests)  # on the base model, before any checkpoint is loaded
+        run.editor.prepare()  # likewise (the runner has done it already; free then)
         self.load_checkpoint()
         try:
             bar = tqdm(range(self.position, len(self.batches)), desc="sequential edits", initial=self.position,

@@ -56,6 +56,18 @@ class EditRequest:
         """The prompt with the subject filled in (``{}`` replaced, no ``str.format`` brace pitfalls)."""
         return self.prompt.replace("{}", self.subject)
 
+    def texts(self) -> list[tuple[str, str]]:
+        """(field, text) of every prompt the probes and editors run, each followed by its longest
+        answer: what must fit in the model's context."""
+        targets = [t for t in (self.target_new, self.target_true) if t]
+        longest = max(targets, key=len)
+        out = [("prompt", f"{self.rewrite_prompt} {longest}")]
+        out += [(f"paraphrase_prompts[{i}]", f"{p} {longest}") for i, p in enumerate(self.paraphrase_prompts)]
+        for name, qas in (("neighborhood", self.neighborhood), ("portability", self.portability)):
+            out += [(f"{name}[{i}]", f"{qa.prompt} {max([qa.answer, *targets], key=len)}") for i, qa in enumerate(qas)]
+        out += [(f"generation_prompts[{i}]", p) for i, p in enumerate(self.generation_prompts)]
+        return out
+
 
 @dataclass(frozen=True)
 class EditReport:

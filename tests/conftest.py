@@ -1,10 +1,12 @@
 """Shared fixtures: the tiny in-process models (seeded, CPU, seconds) and the slow real model."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from harness.models import load_model
+from harness.models import _TINY_CORPUS, load_model
 
 
 @pytest.fixture
@@ -33,3 +35,34 @@ def all_params_equal(a: torch.nn.Module, b: dict[str, torch.Tensor]) -> list[str
     from harness.snapshot import bit_equal
 
     return [n for n, p in a.named_parameters() if not bit_equal(p, b[n])]
+
+
+def tiny_hparams(name: str, tmp_path: Path) -> dict | None:
+    """Hyperparameters that keep one edit of the 2-layer tiny Llama to about a second (None: unknown
+    algorithm). The key statistics come from a small corpus file under ``tmp_path``."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(_TINY_CORPUS * 6)
+    located = dict(v_num_grad_steps=3, stats_dir=str(tmp_path / "stats"), mom2_source=str(corpus),
+                   mom2_n_samples=16, mom2_seq_len=32, mom2_batch_size=8)
+    return {
+        "none": {},
+        "direct": {},  # the default op: a seeded low-rank delta on layer 0's down_proj
+        "ft": {"layers": [1], "num_steps": 3, "lr": 1e-2},
+        "ft_m": {"layers": [1], "num_steps": 3, "lr": 1e-2},
+        "lora": {"num_steps": 3, "lr": 1e-2, "rank": 2},
+        "rome": {"layer": 1, "context_template_length_params": [[3, 2]], **located},
+        "memit": {"layers": [0, 1], "context_template_length": 3, "context_template_count": 2, **located},
+        "alphaedit": {"layers": [0, 1], "context_template_length": 3, "context_template_count": 2, **located},
+    }.get(name)
+
+
+def as_overrides(hparams: dict, prefix: str = "algorithm.hparams") -> list[str]:
+    """Hydra override strings for a hyperparameter dict (strings quoted, lists as lists)."""
+    def value(v):
+        if isinstance(v, str):
+            return '"' + v.replace('"', '\\"') + '"'
+        if isinstance(v, (list, tuple)):
+            return "[" + ",".join(value(x) for x in v) + "]"
+        return str(v).lower() if isinstance(v, bool) else str(v)
+
+    return [f"{prefix}.{k}={value(v)}" for k, v in hparams.items()]

@@ -11,31 +11,15 @@ import torch
 
 from harness import EditRequest, Editor, create_algorithm
 from harness.algorithms import available
-from harness.models import _TINY_CORPUS, tiny_model
+from harness.models import tiny_model
 from harness.snapshot import bit_equal
+
+from conftest import tiny_hparams
 
 REQS = [EditRequest(case_id="1", prompt="The mother tongue of {} is", subject="Danielle Darrieux",
                     target_new="English", target_true="French"),
         EditRequest(case_id="2", prompt="{} plays the", subject="Toko Yasuda", target_new="piano",
                     target_true="guitar")]
-
-
-def tiny_hparams(name: str, tmp_path) -> dict:
-    """Settings that keep one edit of a 2-layer tiny Llama to about a second."""
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(_TINY_CORPUS * 6)
-    located = dict(v_num_grad_steps=3, stats_dir=str(tmp_path / "stats"), mom2_source=str(corpus),
-                   mom2_n_samples=16, mom2_seq_len=32, mom2_batch_size=8)
-    return {
-        "none": {},
-        "direct": {},  # the default op: a seeded low-rank delta on layer 0's down_proj
-        "ft": {"layers": [1], "num_steps": 3, "lr": 1e-2},
-        "ft_m": {"layers": [1], "num_steps": 3, "lr": 1e-2},
-        "lora": {"num_steps": 3, "lr": 1e-2, "rank": 2},
-        "rome": {"layer": 1, "context_template_length_params": [[3, 2]], **located},
-        "memit": {"layers": [0, 1], "context_template_length": 3, "context_template_count": 2, **located},
-        "alphaedit": {"layers": [0, 1], "context_template_length": 3, "context_template_count": 2, **located},
-    }.get(name)
 
 
 def _direct_default() -> dict:

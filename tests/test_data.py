@@ -28,7 +28,7 @@ def write_json(tmp_path: Path, records: list, name: str = "data.json") -> Path:
 def assert_names(exc: pytest.ExceptionInfo, path: Path, index: int, field: str | None) -> None:
     err = exc.value
     assert (err.path, err.index, err.field) == (str(path), index, field)
-    assert str(path) in str(err) and f"record {index}" in str(err)
+    assert str(path) in str(err) and f"record {index + 1}" in str(err)  # messages count from 1
     if field is not None:
         assert repr(field) in str(err)
 
@@ -346,9 +346,10 @@ def test_user_invalid(tmp_path, fmt, case):
 
 def test_user_malformed_lines_and_cells(tmp_path):
     path = write_jsonl(tmp_path, [USER[0], "{broken", USER[2]])
-    with pytest.raises(DataError, match="line 2 is not valid JSON") as exc:
+    with pytest.raises(DataError, match=r"line 2 \(record 2\): not valid JSON") as exc:
         load_requests("jsonl", path)
     assert_names(exc, path, 1, None)
+    assert exc.value.line == 2
     assert len(load_requests("jsonl", path, skip_invalid=True)) == 2
     path = tmp_path / "cells.csv"
     path.write_text('prompt,subject,target_new,paraphrase_prompts\n'
@@ -358,6 +359,7 @@ def test_user_malformed_lines_and_cells(tmp_path):
     with pytest.raises(DataError, match="JSON array") as exc:
         load_requests("csv", path)
     assert_names(exc, path, 0, "paraphrase_prompts")
+    assert exc.value.line == 2 and ": line 2 (record 1): field 'paraphrase_prompts'" in str(exc.value)
     loaded = load_requests("csv", path, skip_invalid=True)
     assert [r.paraphrase_prompts for r in loaded] == [("one single paraphrase",)]
     assert [(s.index, s.reason) for s in loaded.skipped][1] == (2, "more cells than columns in the header")
@@ -366,3 +368,18 @@ def test_user_malformed_lines_and_cells(tmp_path):
 def test_shipped_user_examples_agree():
     jsonl, csv_ = load_requests("jsonl"), load_requests("csv")
     assert len(jsonl) == 3 and jsonl.requests == csv_.requests
+
+
+def test_line_numbers_count_blank_lines_and_multiline_cells(tmp_path):
+    """Errors name the 1-based line where the bad record starts, whatever precedes it."""
+    path = write_jsonl(tmp_path, [USER[0], "", USER[2], {"prompt": "{} is made by", "target_new": "Nokia"}])
+    with pytest.raises(DataError) as exc:
+        load_requests("jsonl", path)
+    assert (exc.value.line, exc.value.index, exc.value.field) == (4, 2, "subject")
+    path = tmp_path / "multi.csv"
+    path.write_text('prompt,subject,target_new\n'
+                    '"{} is made\nby",iPhone,Nokia\n'
+                    '{} is made by,,Nokia\n', encoding="utf-8")
+    with pytest.raises(DataError) as exc:
+        load_requests("csv", path)
+    assert (exc.value.line, exc.value.index, exc.value.field) == (4, 1, "subject")

@@ -3,6 +3,8 @@
 An algorithm is a class with a frozen-able hyperparameter dataclass (``Hparams``), registered by
 lowercase name with ``@register("name")``. The Editor calls, per batch of requests:
 
+  0. ``prepare(model, tok)``, once, on the base model: computes whatever the algorithm derives from
+     the unedited model (context templates, key statistics, projectors). No-op by default.
   1. ``targets(model, requests)``: the full ``named_parameters()`` names it will write. Cheap, no side effects.
   2. ``apply(model, tok, requests)``: writes only those parameters; returns an ``EditReport``.
 
@@ -11,8 +13,10 @@ checks names, shapes, dtypes, devices and finiteness before writing anything.
 
 State that outlives one call (accumulated statistics, caches that depend on earlier edits) is
 exposed through ``state_dict``/``load_state_dict`` (tensors only) so the Editor can snapshot and
-restore it with the weights. Caches that depend only on the unedited model (covariance statistics,
-context templates) are not state: they stay valid across restores.
+restore it with the weights. What ``prepare`` derives from the unedited model (covariance statistics,
+context templates, projectors) is not state: it stays valid across restores, and it must never be
+derived from an edited model. The Editor calls ``prepare`` before the first edit and, when a
+sequential run resumes, before the checkpoint is put on the freshly loaded base model.
 
 Third-party algorithms register through the entry-point group ``harness.algorithms``
 (``name = "package.module:Class"``); they are loaded on first lookup.
@@ -63,6 +67,13 @@ class EditAlgorithm:
         self.hparams = hparams
 
     # -- the contract ------------------------------------------------------------------------
+    def prepare(self, model: nn.Module, tok: Any) -> None:
+        """Compute what this algorithm derives from the base model (templates, statistics, ...).
+
+        Called by the Editor once, on the unedited model, before the first edit and before a
+        sequential checkpoint is loaded. Must not change the model. Idempotent. No-op by default.
+        """
+
     def targets(self, model: nn.Module, requests: Sequence[EditRequest]) -> set[str]:
         """Full names of the parameters ``apply`` will write for these requests."""
         raise NotImplementedError

@@ -31,20 +31,37 @@ log = logging.getLogger(__name__)
 class DataError(ValueError):
     """A data file or one of its records is malformed.
 
+    The message counts from 1, as editors do: ``file: line 7 (record 6): field 'x': reason`` for
+    line-based files (JSONL, CSV), ``file: record 6: ...`` for JSON arrays.
+
     Attributes:
         path: the file.
         index: 0-based record position in the file, or None for a file-level problem.
         field: the offending field (dotted for nested fields, e.g. ``requested_rewrite.subject``),
             or None when the record as a whole is wrong.
         reason: what is wrong, in words.
+        line: 1-based line of the record in a line-based file, else None.
     """
 
-    def __init__(self, path: str | Path, index: int | None, field: str | None, reason: str) -> None:
-        self.path, self.index, self.field, self.reason = str(path), index, field, reason
-        where = self.path if index is None else f"{self.path}: record {index}"
+    def __init__(self, path: str | Path, index: int | None, field: str | None, reason: str,
+                 line: int | None = None) -> None:
+        self.path, self.index, self.field, self.reason, self.line = str(path), index, field, reason, line
+        where = self.path
+        if line is not None:
+            where += f": line {line}" + (f" (record {index + 1})" if index is not None else "")
+        elif index is not None:
+            where += f": record {index + 1}"
         if field is not None:
             where += f": field {field!r}"
         super().__init__(f"{where}: {reason}")
+
+
+@dataclass(frozen=True)
+class Located:
+    """A raw record and the 1-based line where it starts (line-based readers return these)."""
+
+    value: Any
+    line: int
 
 
 @dataclass(frozen=True)
@@ -86,15 +103,16 @@ class LoadedData:
 class Record:
     """One raw record (a dict) with checked accessors that raise ``DataError`` naming file, index, field."""
 
-    def __init__(self, raw: Any, path: str | Path, index: int, prefix: str = "") -> None:
-        self.path, self.index, self.prefix = path, index, prefix
+    def __init__(self, raw: Any, path: str | Path, index: int, prefix: str = "", line: int | None = None) -> None:
+        self.path, self.index, self.prefix, self.line = path, index, prefix, line
         if not isinstance(raw, dict):
-            raise DataError(path, index, prefix.rstrip(".") or None, f"expected an object, got {type(raw).__name__}")
+            raise DataError(path, index, prefix.rstrip(".") or None, f"expected an object, got {type(raw).__name__}",
+                            line)
         self.raw: dict[str, Any] = raw
 
     def error(self, field: str | None, reason: str) -> DataError:
         """A ``DataError`` for ``field`` (relative to this record) of this record."""
-        return DataError(self.path, self.index, None if field is None else self.prefix + field, reason)
+        return DataError(self.path, self.index, None if field is None else self.prefix + field, reason, self.line)
 
     def has(self, field: str) -> bool:
         """Whether ``field`` is present and not null."""
@@ -108,7 +126,7 @@ class Record:
 
     def sub(self, field: str) -> Record:
         """A required nested object, as a ``Record`` whose errors name ``field.<child>``."""
-        return Record(self.get(field), self.path, self.index, f"{self.prefix}{field}.")
+        return Record(self.get(field), self.path, self.index, f"{self.prefix}{field}.", self.line)
 
     def text(self, field: str) -> str:
         """A required non-blank string, returned as is."""
@@ -231,13 +249,15 @@ def build(kind: str, path: Path, raw: Sequence[Any], parse: Callable[[Record], E
     seen: dict[str, int] = {}
     for index in range(offset, stop):
         try:
-            item = raw[index]
+            item, line = raw[index], None
+            if isinstance(item, Located):
+                item, line = item.value, item.line
             if isinstance(item, DataError):
                 raise item
-            record = Record(item, path, index)
+            record = Record(item, path, index, line=line)
             request = parse(record)
             if request.case_id in seen:
-                raise record.error("case_id", f"duplicate {request.case_id!r} (also record {seen[request.case_id]})")
+                raise record.error("case_id", f"duplicate {request.case_id!r} (also record {seen[request.case_id] + 1})")
         except DataError as exc:
             if not skip_invalid:
                 raise

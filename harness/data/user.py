@@ -38,7 +38,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from harness.data.common import DataError, Record, make_request, read_json_array
+from harness.data.common import DataError, Located, Record, make_request, read_json_array
 from harness.types import QA, EditRequest
 
 FIELDS = (
@@ -81,7 +81,9 @@ def _read_jsonl(path: Path, lines: Any) -> list[Any]:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as exc:
-            records.append(DataError(path, len(records), None, f"line {number} is not valid JSON: {exc}"))
+            records.append(DataError(path, len(records), None, f"not valid JSON: {exc}", number))
+            continue
+        records[-1] = Located(records[-1], number)
     return records
 
 
@@ -90,7 +92,12 @@ def _read_csv(path: Path, f: Any) -> list[Any]:
     unknown = [c for c in reader.fieldnames or () if c not in FIELDS]
     if unknown:
         raise DataError(path, None, unknown[0], f"unknown column; the columns are {', '.join(FIELDS)}")
-    return [_CsvRow(row) for row in reader]
+    out: list[Any] = []
+    start = 2  # the header is line 1; a quoted cell may span lines
+    for row in reader:
+        out.append(Located(_CsvRow(row), start))
+        start = reader.line_num + 1
+    return out
 
 
 class _CsvRow(dict):
@@ -105,7 +112,7 @@ def parse_user(record: Record) -> EditRequest:
             its subject or holding more than one ``{}``, a CSV list cell that is not a JSON array.
     """
     if isinstance(record.raw, _CsvRow):
-        record = Record(_decode_csv_row(record), record.path, record.index)
+        record = Record(_decode_csv_row(record), record.path, record.index, line=record.line)
     unknown = sorted(set(record.raw) - set(FIELDS), key=str)
     if unknown:
         raise record.error(str(unknown[0]), f"unknown field; the fields are {', '.join(FIELDS)}")

@@ -101,8 +101,11 @@ class BatchedProbes:
             if gen is not None:
                 row["fluency"] = gen[i]
             merges = sum(scores[p].boundary_merge for p in set(needed[i]))
-            rows.append({m: row.get(m, math.nan) for m in METRICS if m in wanted})
-            extras.append({"case_id": r.case_id, "boundary_merges": merges, **extra})
+            # Non-finite logits would read as scores of 0.0 (NaN comparisons are false): the case's
+            # metrics become NaN and the case is flagged, so tables show it instead of a failed edit.
+            nonfinite = not all(math.isfinite(x) for p in needed[i] for x in scores[p].logprobs)
+            rows.append({m: math.nan if nonfinite else row.get(m, math.nan) for m in METRICS if m in wanted})
+            extras.append({"case_id": r.case_id, "boundary_merges": merges, "nonfinite": nonfinite, **extra})
         return Measurement(rows, extras)
 
 
