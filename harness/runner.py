@@ -142,7 +142,7 @@ def chunks(items: Sequence[Any], size: int) -> Iterator[list[Any]]:
         yield list(items[i:i + size])
 
 
-NOT_IDENTITY = {"threads"}
+NOT_IDENTITY = {"threads", "retry_errors"}
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, str]:
