@@ -147,11 +147,18 @@ _REGISTRY: dict[str, type[EditAlgorithm]] = {}
 _ENTRY_POINTS_LOADED = False
 
 
+def _same_class(a: type, b: Any) -> bool:
+    """Same module and qualified name: the same class, possibly re-created by a module reload. Two
+    classes with one qualname in different modules are different."""
+    return (a.__module__, a.__qualname__) == (getattr(b, "__module__", None), getattr(b, "__qualname__", None))
+
+
 def register(name: str):
     """Class decorator: register an ``EditAlgorithm`` under a lowercase snake name.
 
     Raises:
-        ValueError: a malformed name, or a name already taken by another class.
+        ValueError: a malformed name, or a name already taken by another class (a class is the same
+            when its module and qualified name are: re-registering after a reload is allowed).
     """
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ValueError(f"algorithm name {name!r} must be lowercase snake case ([a-z][a-z0-9_]*)")
@@ -160,8 +167,9 @@ def register(name: str):
         if not (isinstance(cls, type) and issubclass(cls, EditAlgorithm)):
             raise TypeError(f"@register({name!r}) needs an EditAlgorithm subclass, got {cls!r}")
         old = _REGISTRY.get(name)
-        if old is not None and old.__qualname__ != cls.__qualname__:
-            raise ValueError(f"algorithm name {name!r} is already registered to {old.__module__}.{old.__qualname__}")
+        if old is not None and not _same_class(old, cls):
+            raise ValueError(f"algorithm name {name!r} is already registered to {old.__module__}.{old.__qualname__}; "
+                             f"cannot register {cls.__module__}.{cls.__qualname__} under it")
         cls.name = name
         _REGISTRY[name] = cls
         return cls
@@ -182,8 +190,12 @@ def _load_entry_points() -> None:
         except Exception as exc:  # a broken plugin must not hide the built-in algorithms
             log.error("could not load algorithm plugin %s = %s: %s", ep.name, ep.value, exc)
             continue
-        if ep.name not in _REGISTRY:
+        old = _REGISTRY.get(ep.name)
+        if old is None:
             register(ep.name)(cls)
+        elif not _same_class(old, cls):
+            log.error("algorithm plugin %s = %s not loaded: the name is already registered to %s.%s",
+                      ep.name, ep.value, old.__module__, old.__qualname__)
 
 
 def available() -> list[str]:
