@@ -36,8 +36,8 @@ import torch
 from torch import nn
 
 from harness.algorithms.base import EditAlgorithm, add_deltas, register
-from harness.algorithms.locate import (TemplateCache, _Stop, compute_keys, hidden_of, model_device,
-                                       subject_last_index)
+from harness.algorithms.locate import (TemplateCache, _Stop, compute_keys, encode_right_padded, hidden_of,
+                                       model_device, subject_last_index)
 from harness.algorithms.solve import memit_delta, to_param_layout
 from harness.algorithms.stats import StatsCache, StatsConfig
 from harness.algorithms.target import TargetHparams, optimize_targets
@@ -148,8 +148,8 @@ def block_outputs(model: nn.Module, tok: Any, spec: ModelSpec, layer: int,
 
     handle = get_module(model, spec.layer.format(layer)).register_forward_hook(hook)
     try:
-        enc = tok([r.rewrite_prompt for r in requests], return_tensors="pt", padding=True)
-        model(**enc.to(model_device(model)), use_cache=False)
+        enc = encode_right_padded(tok, [r.rewrite_prompt for r in requests], model_device(model))
+        model(**enc, use_cache=False)
     except _Stop:
         pass
     finally:
