@@ -168,8 +168,10 @@ def test_skip_and_early_stop_below_min_loss(tiny):
     model, tok = tiny
     before = _clone(model)
     rep = create_algorithm("ft", {**FAST, "min_loss": 1e9}).apply(model, tok, REQS)
-    assert rep.info == {"epochs": 1, "steps_taken": 0, "steps_skipped": 2}
-    assert _changed(model, before) == []
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert rep.info == {"epochs": 1, "steps_taken": 0, "steps_skipped": 2,
+                        f"intended_norm.{name}": 0.0, f"write_error.{name}": 0.0}
+    assert _changed(model, before) == [] and rep.delta_norms == {name: 0.0}
 
 
 def test_deterministic_and_leaves_no_training_residue(tiny):

@@ -70,6 +70,39 @@ def test_compute_keys_flat_and_grouped(tiny):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_keys_targets_and_block_outputs_ignore_the_tokenizer_padding_side(arch):
+    """Positions are read from batches padded on the right whatever ``tok.padding_side`` says."""
+    from harness.algorithms.memit import block_outputs
+
+    model, tok = _tiny(arch, n_layers=2)
+    spec = model_spec(model)
+    reqs = [REQ, EditRequest("2", "{} plays the sport of", "LeBron James", "football")]
+    tpl = ["{}", "Hello there. {}", "Because I can, you know. {}"]  # different lengths: padded batches
+    hp = TargetHparams(num_grad_steps=3)
+    out = {}
+    for side in ("right", "left"):
+        tok.padding_side = side
+        out[side] = (locate.compute_keys(model, tok, spec, 0, reqs, tpl),
+                     optimize_target(model, tok, spec, reqs[0], 0, hp, tpl, where="mlp", fast=True).target,
+                     optimize_target(model, tok, spec, reqs[1], 0, hp, tpl, where="mlp", fast=False).target,
+                     block_outputs(model, tok, spec, 1, reqs))
+        assert tok.padding_side == side  # the caller's setting is left alone
+    for right, left in zip(out["right"], out["left"]):
+        torch.testing.assert_close(left, right, atol=1e-5, rtol=0)
+
+
+def test_encode_right_padded_refuses_a_tokenizer_that_pads_left():
+    class LeftOnly:
+        padding_side = "left"
+
+        def __call__(self, texts, **kw):
+            return {"input_ids": torch.tensor([[0, 5], [6, 7]]), "attention_mask": torch.tensor([[0, 1], [1, 1]])}
+
+    with pytest.raises(ValueError, match="did not pad on the right"):
+        locate.encode_right_padded(LeftOnly(), ["a", "b c"], torch.device("cpu"))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("where,loss_layer", [("mlp", None), ("block", None), ("mlp", 2), ("block", 2)])
 def test_fast_path_equals_full_path(arch, where, loss_layer):
     # (block output read at the edited block itself would leave the NLL independent of δ: Adam then

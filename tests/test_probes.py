@@ -139,6 +139,23 @@ def test_measure_is_batched_consistently(tiny):
             assert (math.isnan(a[k]) and math.isnan(b[k])) or a[k] == pytest.approx(b[k], abs=1e-6), k
 
 
+def test_scores_and_fluency_ignore_the_tokenizer_padding_side(tiny):
+    """The scorer and the generations pad by hand: ``tok.padding_side`` changes nothing."""
+    from harness.data import load_requests
+
+    model, tok = tiny
+    reqs = list(load_requests("counterfact", limit=4).requests)
+    probes = build_probes(batch_size=8, fluency=True, fluency_max_new_tokens=4)
+    out = {}
+    for side in ("right", "left"):
+        tok.padding_side = side
+        out[side] = probes.measure(model, tok, reqs).metrics
+    for right, left in zip(out["right"], out["left"]):
+        assert right.keys() == left.keys() and "fluency" in right
+        for k in right:
+            assert (math.isnan(right[k]) and math.isnan(left[k])) or left[k] == pytest.approx(right[k], abs=1e-5), k
+
+
 @pytest.mark.slow
 def test_unedited_smollm2_low_efficacy_high_neighborhood(smollm2):
     from harness.data import load_requests

@@ -38,6 +38,28 @@ def test_duplicate_name_rejected():
             pass
 
 
+def test_same_qualname_from_another_module_is_refused():
+    """Two different classes that share a qualname (``Direct``) in different modules are not the same class."""
+    impostor = type("Direct", (EditAlgorithm,), {"__module__": "someone_elses.plugin"})
+    assert impostor.__qualname__ == get_algorithm("direct").__qualname__
+    with pytest.raises(ValueError, match=r"'direct' is already registered to harness\.algorithms\.direct\.Direct; "
+                                         r"cannot register someone_elses\.plugin\.Direct"):
+        register("direct")(impostor)
+    assert get_algorithm("direct").__module__ == "harness.algorithms.direct"
+
+
+def test_same_class_re_registered_after_a_reload_is_allowed():
+    """A module reload re-creates its classes: same module and qualname, a new object."""
+    from harness.algorithms import base
+
+    old = get_algorithm("none")
+    again = type(old.__name__, (EditAlgorithm,), {"__module__": old.__module__, "__qualname__": old.__qualname__})
+    try:
+        assert register("none")(again) is again and get_algorithm("none") is again
+    finally:
+        base._REGISTRY["none"] = old
+
+
 def test_unknown_hparam_named():
     with pytest.raises(TypeError, match=r"unknown hyperparameter\(s\) \['opps'\]"):
         create("direct", {"opps": []})

@@ -120,6 +120,23 @@ def test_rome_writes_only_its_target_and_maps_key_to_target(arch, key_mode, monk
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_rome_edit_is_the_same_whatever_the_tokenizer_padding_side(arch):
+    """Keys and targets come from batches padded on the right by the algorithm, not by ``tok.padding_side``."""
+    deltas = {}
+    for side in ("right", "left"):
+        model, tok = load_model("tiny", device="cpu", dtype="float32", tiny={"arch": arch})
+        tok.padding_side = side
+        algo = Rome(**FAST)
+        (name,) = algo.targets(model, [REQ])
+        before = model.get_parameter(name).detach().clone()
+        algo.apply(model, tok, [REQ, REQ2])
+        deltas[side] = model.get_parameter(name).detach() - before
+        assert tok.padding_side == side
+    assert float(deltas["right"].norm()) > 0
+    torch.testing.assert_close(deltas["left"], deltas["right"], atol=1e-5, rtol=0)
+
+
 def test_rome_sequential_requests_and_editor_restore(tiny_gpt2):
     model, tok = tiny_gpt2
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -8,8 +8,10 @@ lowercase name with ``@register("name")``. The Editor calls, per batch of reques
   1. ``targets(model, requests)``: the full ``named_parameters()`` names it will write. Cheap, no side effects.
   2. ``apply(model, tok, requests)``: writes only those parameters; returns an ``EditReport``.
 
-The Editor alone snapshots and restores. Algorithms that compute deltas use ``add_deltas``, which
-checks names, shapes, dtypes, devices and finiteness before writing anything.
+The Editor alone snapshots and restores. Algorithms that compute deltas use ``write_deltas`` (or
+``add_deltas``), which checks names, shapes, devices and finiteness before writing anything, adds in
+float32/float64 and rounds once to the parameter's dtype, and reports the change actually stored
+next to the one intended (in bf16/fp16 small updates partly round away; a WARNING says so).
 
 State that outlives one call (accumulated statistics, caches that depend on earlier edits) is
 exposed through ``state_dict``/``load_state_dict`` (tensors only) so the Editor can snapshot and
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -113,42 +116,186 @@ def make_hparams(cls: type, values: Mapping[str, Any], where: str = "hparams") -
 # ----------------------------------------------------------------------------------------------
 # writing deltas
 
+# Relative error of a written change against the intended one above which ``write_deltas`` warns.
+# bf16 keeps 8 significant bits: an update whose entries are well below 2^-9 of the weights'
+# entries mostly rounds away (about 80% of a random update of relative norm 1e-3 is lost, 17% of
+# one of 1e-2, 2% of one of 0.1).
+WRITE_ERROR_WARN = 0.1
+
+
+@dataclass(frozen=True)
+class WriteStats:
+    """What writing one parameter did, measured on the stored values.
+
+    Attributes:
+        dtype: the parameter's dtype by name (``"bfloat16"``).
+        written_norm: ``||param_after - param_before||``, the change actually stored.
+        intended_norm: ``||delta||``, the change that was asked for (before any rounding).
+        error: ``||(param_after - param_before) - delta|| / ||delta||``, the fraction of the update
+            lost to rounding (0 when both are zero; inf when something was written for a zero delta).
+    """
+
+    dtype: str
+    written_norm: float
+    intended_norm: float
+    error: float
+
+
+@dataclass(frozen=True)
+class WriteReport:
+    """``WriteStats`` per written parameter, by full name."""
+
+    stats: dict[str, WriteStats]
+
+    @property
+    def norms(self) -> dict[str, float]:
+        """The written norm of each parameter: what ``EditReport.delta_norms`` holds."""
+        return {name: s.written_norm for name, s in self.stats.items()}
+
+    def info(self) -> dict[str, float]:
+        """``intended_norm.<name>`` and ``write_error.<name>`` for ``EditReport.info``."""
+        out: dict[str, float] = {}
+        for name, s in self.stats.items():
+            out[f"intended_norm.{name}"] = s.intended_norm
+            out[f"write_error.{name}"] = s.error
+        return out
+
+
+def _work_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """float64 when any of ``dtypes`` is float64, else float32: the precision of the exact sum."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
 
 @torch.no_grad()
-def add_deltas(model: nn.Module, deltas: Mapping[str, torch.Tensor], declared: set[str] | None = None) -> dict[str, float]:
-    """Check every delta, then add them all to the model's parameters.
+def measure_write(before: torch.Tensor, intended: torch.Tensor, after: torch.Tensor) -> WriteStats:
+    """Compare the change stored in a parameter with the change that was intended.
 
-    Nothing is written unless every delta passes: known parameter name, declared (when
-    ``declared`` is given), same shape, same dtype and device as the parameter, finite values,
-    and a finite result.
+    Args:
+        before: the parameter's values before the write (any dtype; upcast here).
+        intended: the intended change, unrounded (same shape).
+        after: the parameter's values after the write.
 
     Returns:
-        Frobenius norm of each delta, by parameter name.
+        ``WriteStats`` computed in float32 (float64 when any input is float64).
+    """
+    work = _work_dtype(before.dtype, intended.dtype, after.dtype)
+    written = after.detach().to(work) - before.detach().to(device=after.device, dtype=work)
+    delta = intended.detach().to(device=after.device, dtype=work)
+    w_norm, i_norm = float(written.norm()), float(delta.norm())
+    miss = float((written - delta).norm())
+    error = miss / i_norm if i_norm > 0 else (0.0 if miss == 0 else math.inf)
+    return WriteStats(str(after.dtype).removeprefix("torch."), w_norm, i_norm, error)
+
+
+def warn_if_lost(name: str, stats: WriteStats, threshold: float = WRITE_ERROR_WARN) -> None:
+    """Log a WARNING when the written change misses more than ``threshold`` of the intended one."""
+    if stats.error <= threshold:
+        return
+    hint = ""
+    if stats.dtype in ("bfloat16", "float16"):
+        hint = (f"; {stats.dtype} cannot hold so small a change to these weights. Load the model in float32 "
+                "(top-level config dtype=float32) to keep such edits")
+    log.warning("writing %s in %s lost %.0f%% of the update (relative error of the written change %.3g > %g; "
+                "norm written %.4g, intended %.4g)%s", name, stats.dtype, 100 * min(stats.error, 1.0), stats.error,
+                threshold, stats.written_norm, stats.intended_norm, hint)
+
+
+def _check_target(params: Mapping[str, nn.Parameter], name: str, value: torch.Tensor, declared: set[str] | None,
+                  what: str) -> nn.Parameter:
+    if name not in params:
+        raise AlgorithmError(f"{what} for unknown parameter {name!r}")
+    if declared is not None and name not in declared:
+        raise AlgorithmError(f"{what} for undeclared parameter {name!r}")
+    p = params[name]
+    if value.shape != p.shape:
+        raise AlgorithmError(f"{what} for {name!r} has shape {tuple(value.shape)}, parameter has {tuple(p.shape)}")
+    if not value.is_floating_point() or value.device != p.device:
+        raise AlgorithmError(f"{what} for {name!r} is {value.dtype} on {value.device}; it must be a floating "
+                             f"point tensor on the parameter's device {p.device}")
+    if not torch.isfinite(value).all():
+        raise AlgorithmError(f"{what} for {name!r} has non-finite values")
+    return p
+
+
+@torch.no_grad()
+def _write(params: Mapping[str, nn.Parameter], new: Mapping[str, torch.Tensor],
+           base: Mapping[str, torch.Tensor], intended: Mapping[str, torch.Tensor]) -> WriteReport:
+    """Round every ``new`` value once to its parameter's dtype (all checked first), copy, measure, warn."""
+    rounded = {}
+    for name, value in new.items():
+        p = params[name]
+        r = value.to(p.dtype)
+        if not torch.isfinite(r).all():
+            raise AlgorithmError(f"writing {name!r}: the result overflows {p.dtype} (non-finite); nothing written")
+        rounded[name] = r
+    stats = {}
+    for name, r in rounded.items():
+        params[name].copy_(r)
+        stats[name] = measure_write(base[name], intended[name], params[name])
+        warn_if_lost(name, stats[name])
+    return WriteReport(stats)
+
+
+@torch.no_grad()
+def write_deltas(model: nn.Module, deltas: Mapping[str, torch.Tensor],
+                 declared: set[str] | None = None) -> WriteReport:
+    """Check every delta, then add them all to the model's parameters, rounding once.
+
+    Deltas may be in any floating dtype (float32 or float64, as the algorithms compute them) but
+    must be on the parameter's device. Each parameter becomes ``(param + delta)`` computed in
+    float32 (float64 when the delta or the parameter is float64) and rounded once to the
+    parameter's dtype; the delta is never rounded on its own first. Nothing is written unless
+    every delta passes: known parameter name, declared (when ``declared`` is given), same shape,
+    floating point on the same device, finite values, and a result finite in the parameter's dtype.
+
+    Returns:
+        Per parameter: the norm written (``||after - before||``), the norm intended (``||delta||``)
+        and the relative error of the written change. A WARNING is logged for every parameter whose
+        error exceeds ``WRITE_ERROR_WARN``.
 
     Raises:
         AlgorithmError: naming the first parameter at fault.
     """
     params = dict(model.named_parameters())
+    new, base = {}, {}
     for name, delta in deltas.items():
-        if name not in params:
-            raise AlgorithmError(f"delta for unknown parameter {name!r}")
-        if declared is not None and name not in declared:
-            raise AlgorithmError(f"delta for undeclared parameter {name!r}")
-        p = params[name]
-        if delta.shape != p.shape:
-            raise AlgorithmError(f"delta for {name!r} has shape {tuple(delta.shape)}, parameter has {tuple(p.shape)}")
-        if delta.dtype != p.dtype or delta.device != p.device:
-            raise AlgorithmError(
-                f"delta for {name!r} is {delta.dtype} on {delta.device}, parameter is {p.dtype} on {p.device}")
-        if not torch.isfinite(delta).all():
-            raise AlgorithmError(f"delta for {name!r} has non-finite values")
-        if not torch.isfinite(p + delta).all():
+        p = _check_target(params, name, delta, declared, "delta")
+        base[name] = p.detach().to(_work_dtype(p.dtype, delta.dtype), copy=True)
+        new[name] = base[name] + delta.to(base[name].dtype)
+        if not torch.isfinite(new[name]).all():
             raise AlgorithmError(f"adding the delta to {name!r} gives non-finite values")
-    norms = {}
-    for name, delta in deltas.items():
-        params[name].add_(delta)
-        norms[name] = float(delta.float().norm())
-    return norms
+    return _write(params, new, base, deltas)
+
+
+@torch.no_grad()
+def write_values(model: nn.Module, values: Mapping[str, torch.Tensor],
+                 declared: set[str] | None = None) -> WriteReport:
+    """Replace parameters by new values computed in float32/float64, rounding once; checks as ``write_deltas``.
+
+    The intended change of each parameter is ``value - param`` (in float32, or float64 when either is).
+
+    Returns:
+        As ``write_deltas``.
+
+    Raises:
+        AlgorithmError: naming the first parameter at fault.
+    """
+    params = dict(model.named_parameters())
+    base, intended = {}, {}
+    for name, value in values.items():
+        p = _check_target(params, name, value, declared, "value")
+        base[name] = p.detach().to(_work_dtype(p.dtype, value.dtype), copy=True)
+        intended[name] = value.to(base[name].dtype) - base[name]
+    return _write(params, values, base, intended)
+
+
+def add_deltas(model: nn.Module, deltas: Mapping[str, torch.Tensor], declared: set[str] | None = None) -> dict[str, float]:
+    """``write_deltas`` returning only the norm written to each parameter (``||after - before||``).
+
+    Raises:
+        AlgorithmError: naming the first parameter at fault.
+    """
+    return write_deltas(model, deltas, declared).norms
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,11 +305,18 @@ _REGISTRY: dict[str, type[EditAlgorithm]] = {}
 _ENTRY_POINTS_LOADED = False
 
 
+def _same_class(a: type, b: Any) -> bool:
+    """Same module and qualified name: the same class, possibly re-created by a module reload. Two
+    classes with one qualname in different modules are different."""
+    return (a.__module__, a.__qualname__) == (getattr(b, "__module__", None), getattr(b, "__qualname__", None))
+
+
 def register(name: str):
     """Class decorator: register an ``EditAlgorithm`` under a lowercase snake name.
 
     Raises:
-        ValueError: a malformed name, or a name already taken by another class.
+        ValueError: a malformed name, or a name already taken by another class (a class is the same
+            when its module and qualified name are: re-registering after a reload is allowed).
     """
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ValueError(f"algorithm name {name!r} must be lowercase snake case ([a-z][a-z0-9_]*)")
@@ -171,8 +325,9 @@ def register(name: str):
         if not (isinstance(cls, type) and issubclass(cls, EditAlgorithm)):
             raise TypeError(f"@register({name!r}) needs an EditAlgorithm subclass, got {cls!r}")
         old = _REGISTRY.get(name)
-        if old is not None and old.__qualname__ != cls.__qualname__:
-            raise ValueError(f"algorithm name {name!r} is already registered to {old.__module__}.{old.__qualname__}")
+        if old is not None and not _same_class(old, cls):
+            raise ValueError(f"algorithm name {name!r} is already registered to {old.__module__}.{old.__qualname__}; "
+                             f"cannot register {cls.__module__}.{cls.__qualname__} under it")
         cls.name = name
         _REGISTRY[name] = cls
         return cls
@@ -193,8 +348,12 @@ def _load_entry_points() -> None:
         except Exception as exc:  # a broken plugin must not hide the built-in algorithms
             log.error("could not load algorithm plugin %s = %s: %s", ep.name, ep.value, exc)
             continue
-        if ep.name not in _REGISTRY:
+        old = _REGISTRY.get(ep.name)
+        if old is None:
             register(ep.name)(cls)
+        elif not _same_class(old, cls):
+            log.error("algorithm plugin %s = %s not loaded: the name is already registered to %s.%s",
+                      ep.name, ep.value, old.__module__, old.__qualname__)
 
 
 def available() -> list[str]:

@@ -9,9 +9,10 @@ Operations (applied in order; each names a full parameter):
   * ``lora_file``: add ``(alpha / r) * B @ A`` read from a safetensors file with tensors ``A`` [r, d_in]
     and ``B`` [d_out, r] (or ``<param>.lora_A``/``<param>.lora_B`` when one file holds several).
 
-All new values are computed first (in float32, then cast to the parameter's dtype) and checked for
-non-finite entries; nothing is written unless every operation passes. Requests are ignored: the
-same operations are applied at each call.
+All new values are computed first in float32 and written with ``base.write_values``: checked for
+non-finite entries (nothing is written unless every operation passes), rounded once to the
+parameter's dtype, and reported as the norm actually written (``delta_norms``) next to the intended
+norm and the write error (``info``). Requests are ignored: the same operations are applied at each call.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file
 
-from harness.algorithms.base import AlgorithmError, EditAlgorithm, register
+from harness.algorithms.base import AlgorithmError, EditAlgorithm, register, write_values
 from harness.models import model_spec
 from harness.types import EditReport
 
@@ -123,15 +124,8 @@ class Direct(EditAlgorithm):
         for name, w in new.items():
             if not torch.isfinite(w).all():
                 raise AlgorithmError(f"direct: the result for {name!r} has non-finite values; nothing written")
-            if not torch.isfinite(w.to(params[name].dtype)).all():
-                raise AlgorithmError(f"direct: the result for {name!r} overflows {params[name].dtype}; nothing written")
-        norms = {}
-        with torch.no_grad():
-            for name, w in new.items():
-                p = params[name]
-                norms[name] = float((w - p.float()).norm())
-                p.copy_(w.to(p.dtype))
-        return EditReport(seconds=time.perf_counter() - t0, delta_norms=norms)
+        written = write_values(model, new)
+        return EditReport(seconds=time.perf_counter() - t0, delta_norms=written.norms, info=written.info())
 
     def _op(self, op: DirectOp, name: str, w: torch.Tensor, tok) -> torch.Tensor:
         if op.kind == "set_row":

@@ -16,7 +16,10 @@ Precision: the trained weights are optimised as float32 *master* copies. Each st
 the model's own parameter (in its dtype) is copied into the master, Adam steps the master, the
 clamp applies to the master, and the master is written back into the parameter by ``copy_`` with an
 explicit cast. In float32 the master equals the parameter; in bf16/fp16 the written weight is the
-rounding of a value within the bound (so ``max|W - W0|`` may exceed ``eps`` by half an ulp).
+rounding of a value within the bound (so ``max|W - W0|`` may exceed ``eps`` by half an ulp). The
+report gives the norm written (``delta_norms``) and, in ``info``, the master's (intended) norm and
+the relative error of the written change; a WARNING when rounding lost more than
+``base.WRITE_ERROR_WARN`` of it.
 
 The shared training helpers (``trainable``, ``seeded``, ``chunks``) are also used by ``lora.py``.
 """
@@ -33,7 +36,7 @@ from typing import Any, ClassVar, Optional, TypeVar
 import torch
 from torch import nn
 
-from harness.algorithms.base import AlgorithmError, EditAlgorithm, register
+from harness.algorithms.base import AlgorithmError, EditAlgorithm, WriteReport, measure_write, register, warn_if_lost
 from harness.algorithms.tokens import (
     PromptTarget,
     encode_prompt_target,
@@ -245,14 +248,16 @@ class FineTune(EditAlgorithm):
                 with torch.no_grad():
                     for n, p in params.items():
                         p.copy_(originals[n])
-        with torch.no_grad():
-            norms = {n: float((p.detach().to(torch.float32) - originals[n].to(torch.float32)).norm())
-                     for n, p in params.items()}
+        with torch.no_grad():  # the trained float32 masters are the intended weights
+            written = WriteReport({n: measure_write(originals[n], masters[n] - originals[n].to(torch.float32), p)
+                                   for n, p in params.items()})
+        for n, stats in written.stats.items():
+            warn_if_lost(n, stats)
         return EditReport(
             seconds=time.perf_counter() - t0,
             losses={"loss_first": epoch_losses[0], "loss_final": epoch_losses[-1]},
-            delta_norms=norms,
-            info={"epochs": len(epoch_losses), "steps_taken": taken, "steps_skipped": skipped},
+            delta_norms=written.norms,
+            info={"epochs": len(epoch_losses), "steps_taken": taken, "steps_skipped": skipped, **written.info()},
         )
 
     @staticmethod

@@ -12,7 +12,9 @@ Meng et al. 2022 ("Locating and Editing Factual Associations in GPT", ROME), Men
   here too: the target vector of ROME (δ on the MLP output, ``where="mlp"``) or MEMIT (δ on the
   block output, ``where="block"``), with a fast path that caches the prompts up to the subject.
 
-Everything assumes right padding (the tokenizers from ``harness.models.load_model`` pad right).
+Token positions are read from batches this module pads on the right itself (``encode_right_padded``
+passes ``padding_side="right"`` to each call and checks the mask), whatever ``tok.padding_side`` is:
+the index of a token is then the same as in its unpadded encoding, and so are the position ids.
 Functions here run without gradients, remove their hooks in ``finally``, and change no weights.
 """
 from __future__ import annotations
@@ -58,6 +60,27 @@ def fill_template(template: str, prompt: str) -> str:
     if template.count("{}") != 1:
         raise ValueError(f"context template must contain exactly one '{{}}': {template!r}")
     return template.replace("{}", prompt, 1)
+
+
+def encode_right_padded(tok: Any, texts: Sequence[str], device: torch.device) -> Any:
+    """Tokenise ``texts`` as one batch padded on the right, whatever ``tok.padding_side`` says.
+
+    Token ``i`` of a text is then at column ``i`` of its row (as in the unpadded encoding), and the
+    model's default position ids (0, 1, ...) are right for every row.
+
+    Returns:
+        The tokenizer's batch encoding (``input_ids``, ``attention_mask``) on ``device``.
+
+    Raises:
+        ValueError: the tokenizer did not pad on the right (its attention mask has a gap before a token).
+    """
+    enc = tok(list(texts), return_tensors="pt", padding=True, padding_side="right")
+    mask = enc["attention_mask"]
+    lengths = mask.sum(1, keepdim=True)
+    if not torch.equal(mask.bool(), torch.arange(mask.shape[1]) < lengths):
+        raise ValueError(f"{type(tok).__name__} did not pad on the right when asked (padding_side="
+                         f"{getattr(tok, 'padding_side', None)!r}); token positions would be wrong")
+    return enc.to(device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,7 +239,7 @@ def module_inputs_at(model: nn.Module, tok: Any, module: str, texts: Sequence[st
     dev = model_device(model)
     rows: list[torch.Tensor] = []
     for start in range(0, len(texts), batch_size):
-        enc = tok(list(texts[start:start + batch_size]), return_tensors="pt", padding=True).to(dev)
+        enc = encode_right_padded(tok, texts[start:start + batch_size], dev)
         idx = torch.tensor(index[start:start + batch_size], device=dev)
 
         def pre_hook(_mod, args, kwargs):

@@ -9,7 +9,8 @@ or a GPT-2 ``Conv1D`` and adds ``(alpha / r) * B @ A`` to its weight, with ``A``
 
 ``apply`` wraps the chosen modules, trains A and B on the teacher-forced target tokens (label mask
 as in FT-M, ``tokens.py``) with Adam, merges every delta (computed in float32, checked finite
-before anything is written, then cast to the weight's dtype) and puts the original modules back,
+before anything is written, added in float32 and rounded once to the weight's dtype; the norm
+written, the intended norm and the write error are reported) and puts the original modules back,
 also when training raises: the model ends as the original architecture with edited base weights.
 Restoring is the Editor's job (from its snapshot, bit-exact); ``unmerge`` subtracts the delta and
 is exact only up to rounding, never bit-exact in half precision.
@@ -34,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.algorithms.base import AlgorithmError, EditAlgorithm, register
+from harness.algorithms.base import (AlgorithmError, EditAlgorithm, WriteReport, WriteStats, measure_write, register,
+                                    warn_if_lost)
 from harness.algorithms.finetune import (
     chunks,
     input_device,
@@ -131,11 +133,14 @@ class LoraLayer(nn.Module):
 
 
 @torch.no_grad()
-def merge_all(layers: Sequence[LoraLayer]) -> list[float]:
+def merge_all(layers: Sequence[LoraLayer]) -> list[WriteStats]:
     """Merge several adapters at once; nothing is written unless every result is finite.
 
+    Each weight becomes ``W + delta`` computed in float32 and rounded once to its dtype.
+
     Returns:
-        The Frobenius norm of the change written to each layer's weight, in order.
+        Per layer, in order: the norm of the change written to its weight, the delta's norm and the
+        relative error of the written change (``Lora.apply`` reports them and warns on a large error).
 
     Raises:
         AlgorithmError: an adapter already merged, or a non-finite delta or result.
@@ -152,14 +157,15 @@ def merge_all(layers: Sequence[LoraLayer]) -> list[float]:
         if not torch.isfinite(out).all():
             raise AlgorithmError(
                 f"merging into a {layer.kind} weight {tuple(w.shape)} gives non-finite values in {w.dtype}; nothing merged")
-        new.append(out)
-    norms = []
-    for layer, out in zip(layers, new):
+        new.append((out, delta))
+    stats = []
+    for layer, (out, delta) in zip(layers, new):
         w = layer.base.weight
-        norms.append(float((out.to(torch.float32) - w.detach().to(torch.float32)).norm()))
+        before = w.detach().clone()
         w.copy_(out)
         layer.merged = True
-    return norms
+        stats.append(measure_write(before, delta, w))
+    return stats
 
 
 def check_not_shared(model: nn.Module, module_names: Sequence[str]) -> None:
@@ -332,10 +338,12 @@ class Lora(EditAlgorithm):
                         total += value * len(chunk)
                     epoch_losses.append(total / len(items))
                     log.debug("lora epoch %d: loss %.4f", epoch, epoch_losses[-1])
-            norms = merge_all([layers[m] for m in names])
+            written = WriteReport(dict(zip(weight_names, merge_all([layers[m] for m in names]))))
+        for name, stats in written.stats.items():
+            warn_if_lost(name, stats)
         return EditReport(
             seconds=time.perf_counter() - t0,
             losses={"loss_first": epoch_losses[0], "loss_final": epoch_losses[-1]},
-            delta_norms=dict(zip(weight_names, norms)),
-            info={"modules": len(names), "adapter_params": sum(p.numel() for p in adapter_params)},
+            delta_norms=written.norms,
+            info={"modules": len(names), "adapter_params": sum(p.numel() for p in adapter_params), **written.info()},
         )

@@ -10,11 +10,16 @@ One ``apply`` edits a batch of n requests across layers ``l_1 < ... < l_L``:
    across groups), ``H`` = block-``l_L`` output at the subject's last token of the bare prompts
    (recomputed each layer), ``R_i = (Z − H) / (L − i + 1)``,
    ``Δ_i = R_i K_iᵀ (λC_i + K_iK_iᵀ)⁻¹`` (``solve.memit_delta``, float64), written at once with
-   ``add_deltas`` so that later layers see it.
+   ``write_deltas`` (``W + Δ_i`` rounded once to the weight's dtype) so that later layers see it.
 
-The report gives the z losses, ‖Δ_i‖ per layer (``delta_norms``), the z error ‖Z − H‖ before each
-layer's update and after the last (``info["z_error.<layer>"]``, ``info["z_error.final"]``; it
-should shrink) and timings.
+The report gives the z losses, the norm written per layer (``delta_norms``) with the intended norm
+and the relative error of the written change (``info["intended_norm.<name>"]``,
+``info["write_error.<name>"]``), the z error ‖Z − H‖ before each layer's update and after the last
+(``info["z_error.<layer>"]``, ``info["z_error.final"]``; it should shrink), per layer
+``info["residual.<layer>"] = ‖(W_written − W) K − R‖ / ‖R‖`` (the part of the layer's intended
+change at its keys that the stored matrix fails to deliver) next to ``residual_unrounded.<layer>``,
+the same for the unrounded Δ (what the regularised solve itself leaves; the difference is rounding),
+and timings.
 
 C per layer and the context templates are computed once per instance from the model as it is at
 first use (in the runner's flows: the unedited model) and kept in the instance (``StatsCache``,
@@ -35,10 +40,10 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from harness.algorithms.base import EditAlgorithm, add_deltas, register
-from harness.algorithms.locate import (TemplateCache, _Stop, compute_keys, hidden_of, model_device,
-                                       subject_last_index)
-from harness.algorithms.solve import memit_delta, to_param_layout
+from harness.algorithms.base import EditAlgorithm, register, write_deltas
+from harness.algorithms.locate import (TemplateCache, _Stop, compute_keys, encode_right_padded, hidden_of,
+                                       model_device, subject_last_index)
+from harness.algorithms.solve import as_map, key_residual, memit_delta, to_param_layout
 from harness.algorithms.stats import StatsCache, StatsConfig
 from harness.algorithms.target import TargetHparams, optimize_targets
 from harness.models import ModelSpec, get_module, model_spec, num_layers
@@ -148,8 +153,8 @@ def block_outputs(model: nn.Module, tok: Any, spec: ModelSpec, layer: int,
 
     handle = get_module(model, spec.layer.format(layer)).register_forward_hook(hook)
     try:
-        enc = tok([r.rewrite_prompt for r in requests], return_tensors="pt", padding=True)
-        model(**enc.to(model_device(model)), use_cache=False)
+        enc = encode_right_padded(tok, [r.rewrite_prompt for r in requests], model_device(model))
+        model(**enc, use_cache=False)
     except _Stop:
         pass
     finally:
@@ -216,9 +221,15 @@ class Memit(EditAlgorithm):
             resid = err / (len(hp.layers) - i)
             delta = self._layer_delta(model, tok, spec, layer, keys, resid)
             name = spec.mlp_out_weight(layer)
-            norms.update(add_deltas(model, {name: to_param_layout(delta, params[name], spec.out_transposed)},
-                                    declared))
-            log.info("%s layer %d: |Z-H| %.4g, |delta| %.4g", self.name, layer, info[f"z_error.{layer}"], norms[name])
+            w_old = as_map(params[name], spec.out_transposed)
+            written = write_deltas(model, {name: to_param_layout(delta, params[name], spec.out_transposed)}, declared)
+            norms.update(written.norms)
+            info.update(written.info())
+            info[f"residual.{layer}"] = key_residual(as_map(params[name], spec.out_transposed) - w_old, keys, resid)
+            info[f"residual_unrounded.{layer}"] = key_residual(delta, keys, resid)
+            log.info("%s layer %d: |Z-H| %.4g, |delta| %.4g written (%.4g intended), residual %.3g (unrounded %.3g)",
+                     self.name, layer, info[f"z_error.{layer}"], norms[name], info[f"intended_norm.{name}"],
+                     info[f"residual.{layer}"], info[f"residual_unrounded.{layer}"])
         info["z_error.final"] = float((z - block_outputs(model, tok, spec, last, requests)).norm())
         info["t_layers"] = time.perf_counter() - t
 

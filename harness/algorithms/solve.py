@@ -10,8 +10,10 @@ must move by, ``C`` [d_ff, d_ff] the count-normalised second moment E[k kᵀ] of
   ``Δ = Xᵀ`` with ``X = [P (K Kᵀ + C_p) + αI]⁻¹ P K Rᵀ``, where ``P`` projects onto the
   (near-)null space of C, so ``Δ k0 ≈ 0`` for preserved keys ``k0``.
 
-Everything is computed in float64 (on the device of the inputs); callers cast the result to the
-parameter's dtype. No explicit inverse is formed.
+Everything is computed in float64 (on the device of the inputs) and handed to ``base.write_deltas``
+in float64, which adds it to the weight and rounds once to the weight's dtype. No explicit inverse
+is formed. ``key_residual`` measures how much of an intended change at the edited keys a written
+matrix delivers.
 """
 from __future__ import annotations
 
@@ -143,10 +145,13 @@ def alphaedit_delta(keys: torch.Tensor, resid: torch.Tensor, proj: torch.Tensor,
 
 
 def to_param_layout(delta: torch.Tensor, like: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """Cast a [d, d_ff] float64 update to the layout, dtype and device of a stored weight.
+    """Lay a [d, d_ff] update out like a stored weight, on its device, keeping the update's dtype.
+
+    The dtype is left alone on purpose: ``write_deltas`` adds in float32/float64 and rounds the sum
+    once, instead of rounding the update on its own first.
 
     Args:
-        delta: Δ in the mathematical orientation [d, d_ff].
+        delta: Δ in the mathematical orientation [d, d_ff] (float64 from the solves).
         like: the parameter it will be added to.
         transposed: True when the parameter stores Wᵀ ([d_ff, d], GPT-2 Conv1D; ``spec.out_transposed``).
 
@@ -157,4 +162,34 @@ def to_param_layout(delta: torch.Tensor, like: torch.Tensor, transposed: bool) -
     if d.shape != like.shape:
         raise ValueError(f"update of shape {tuple(d.shape)} (transposed={transposed}) does not fit a "
                          f"parameter of shape {tuple(like.shape)}")
-    return d.to(device=like.device, dtype=like.dtype).contiguous()
+    return d.to(device=like.device).contiguous()
+
+
+def as_map(param: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """A stored weight as the map W [d, d_ff] in float64 (a copy), transposed back for Conv1D."""
+    w = param.detach().to(_F64, copy=True)
+    return w.T if transposed else w
+
+
+def key_residual(change: torch.Tensor, keys: torch.Tensor, wanted: torch.Tensor) -> float:
+    """``||change @ keys - wanted|| / ||wanted||``: the part of an intended change at the edited keys missed.
+
+    With ``change = W_after - W_before`` (what was stored) and ``wanted`` the change of the values
+    the edit aims at (ROME: ``v* - W k - b``; MEMIT/AlphaEdit: the layer's residual R), this is
+    what rounding (and, for MEMIT/AlphaEdit, the regularised solve) leaves undelivered.
+
+    Args:
+        change: [d, d_ff] in the map's orientation.
+        keys: [d_ff, n] (or [d_ff]).
+        wanted: [d, n] (or [d]).
+
+    Returns:
+        The relative residual in float64 (inf when ``wanted`` is zero but the change is not).
+    """
+    c = change.to(_F64)
+    k = keys.to(device=c.device, dtype=_F64)
+    w = wanted.to(device=c.device, dtype=_F64)
+    miss, ref = float((c @ k - w).norm()), float(w.norm())
+    if ref > 0:
+        return miss / ref
+    return 0.0 if miss == 0 else float("inf")
