@@ -60,6 +60,7 @@ def summary_table(summary: Sequence[dict]) -> str:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _app(cfg: DictConfig) -> None:
+    from harness.runlock import RunLockedError
     from harness.runner import run
 
     hc = HydraConfig.get()
@@ -71,6 +72,9 @@ def _app(cfg: DictConfig) -> None:
         print(f"\ninterrupted: the model was restored and every finished case is in {out / 'cases.csv'}.\n"
               f"Resume with the same command plus hydra.run.dir={out}", file=sys.stderr)
         sys.exit(130)
+    except RunLockedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     print(f"\n{conf.algorithm.name} on {conf.model.name or conf.model.source}: {result.n_cases} case(s), "
           f"{result.n_errors} error(s)")
     print(summary_table(result.summary))
