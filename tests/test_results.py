@@ -35,7 +35,7 @@ def write_table(path: Path, cells: list[tuple[str, str]]) -> list[dict[str, str]
     return expected
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cells=st.lists(st.tuples(TEXT, TEXT), max_size=6), torn=st.integers(min_value=1, max_value=40))
 def test_any_text_round_trips_through_resume_and_read_rows(cells: list[tuple[str, str]], torn: int) -> None:
     with tempfile.TemporaryDirectory() as d:
