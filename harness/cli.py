@@ -69,6 +69,7 @@ def summary_table(summary: Sequence[dict]) -> str:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _app(cfg: DictConfig) -> None:
     from harness.results import ResumeError
+    from harness.runlock import RunLockedError
     from harness.runner import SetupError, run
 
     hc = HydraConfig.get()
@@ -79,7 +80,7 @@ def _app(cfg: DictConfig) -> None:
         fail(f"config: {exc}")
     try:
         result = run(conf, out, list(hc.overrides.task))
-    except (SetupError, ResumeError) as exc:
+    except (SetupError, ResumeError, RunLockedError) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         cases = out / "cases.csv"

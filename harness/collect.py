@@ -5,6 +5,9 @@ Each run directory (one with ``cases.csv``) contributes one row per phase and me
 ``.hydra/overrides.yaml``, as ``override.<key>`` columns), metric, phase, protocol version, mean,
 standard error, count, seconds per edit, and whether the run finished (``summary.csv`` present).
 Statistics are recomputed from ``cases.csv``, so interrupted runs are included with what they have.
+Tables are read with ``harness.results.read_rows``/``read_frame`` (the reader that resumes runs: any
+text in a cell reads back exactly, a torn last row is left out, a repeated case counts once) and
+written with ``write_frame`` (the same quoting).
 A compact comparison (runs as rows, main metrics as columns) is printed.
 """
 from __future__ import annotations
@@ -20,8 +23,9 @@ import pandas as pd
 import yaml
 
 from harness.probes import METRICS
-from harness.runner import parse_overrides
-from harness.results import CASES, RETENTION, SUMMARY, format_table, read_rows, seconds_per_edit, summarize_phases
+from harness.results import (CASES, RETENTION, SUMMARY, format_table, read_frame, read_rows, seconds_per_edit,
+                             summarize_phases, write_frame)
+from harness.runner import CASE_KEY, parse_overrides
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +42,7 @@ def _overrides(run_dir: Path) -> dict[str, str]:
 
 def collect_run(run_dir: Path, root: Path) -> list[dict[str, Any]]:
     """The long-table rows (one per phase and metric) of one run directory."""
-    rows = read_rows(run_dir / CASES)
+    rows = read_rows(run_dir / CASES, key=CASE_KEY)
     if not rows:
         return []
     metrics = [c[len("post_"):] for c in rows[0] if c.startswith("post_")]
@@ -69,7 +73,7 @@ def collect(root: str | Path) -> pd.DataFrame:
         ovs = sorted(c for c in df.columns if c.startswith("override."))
         rest = [c for c in df.columns if c not in FIXED and c not in ovs]
         df = df[[*FIXED, *ovs, *rest]]
-    df.to_csv(root / "collected.csv", index=False)
+    write_frame(root / "collected.csv", df)
     return df
 
 
@@ -105,10 +109,10 @@ def collect_retention(root: Path) -> pd.DataFrame:
     run's edit rows). Written to ``root/retention_collected.csv``; empty when no run is sequential."""
     frames = []
     for path in sorted(root.rglob(RETENTION), key=str):
-        ret = pd.read_csv(path)
+        ret = read_frame(path, key=["step"])
         if ret.empty:
             continue
-        cases = pd.read_csv(path.parent / CASES)
+        cases = read_frame(path.parent / CASES, key=CASE_KEY)
         edits = cases[cases["point"] == "edit"]
         ret.insert(0, "algorithm", cases["algorithm"].iloc[0] if len(cases) else None)
         ret.insert(0, "run_dir", str(path.parent.relative_to(root)))
@@ -118,7 +122,7 @@ def collect_retention(root: Path) -> pd.DataFrame:
         frames.append(ret)
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if not df.empty:
-        df.to_csv(root / "retention_collected.csv", index=False)
+        write_frame(root / "retention_collected.csv", df)
     return df
 
 

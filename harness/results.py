@@ -1,10 +1,7 @@
-"""Result tables: append-only CSV files written row by row, resumable, and their summaries.
+"""Result tables of a run directory: their names, summaries, JSON records and the retention plot.
 
-``RowTable`` is the one writer of every table: a fixed header decided before the first row, each
-row flushed and fsynced as soon as it is known, and on reopening a torn last line (SIGKILL in the
-middle of a write) is cut off, the rows already there are read back, and a row whose key is
-already recorded is never written again. That is what makes ``python -m harness ...`` resumable:
-rerun the same command in the same directory and only the missing cases run.
+The table files themselves (append row by row with flush + fsync, resume after a kill, read back
+exactly) are ``harness.tables``; its names are re-exported here.
 
 Tables of a run directory:
   * ``cases.csv``: one row per case and evaluation point (``point`` = ``edit`` or ``retention``);
@@ -13,8 +10,6 @@ Tables of a run directory:
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import math
@@ -23,141 +18,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from harness.tables import ResumeError, RowTable, read_frame, read_rows, write_csv, write_frame
+
+__all__ = ["CASES", "RETENTION", "SUMMARY", "ResumeError", "RowTable", "as_float", "format_table", "metric_rows",
+           "plot_retention", "read_frame", "read_json", "read_rows", "seconds_per_edit", "summarize_phases",
+           "write_csv", "write_frame", "write_json", "write_summary"]
+
 log = logging.getLogger(__name__)
 
 CASES = "cases.csv"
 SUMMARY = "summary.csv"
 RETENTION = "retention.csv"
-
-
-class ResumeError(RuntimeError):
-    """An existing table in the run directory was written by a different configuration."""
-
-
-def _cell(value: Any) -> str:
-    """One CSV cell: None -> empty, floats at full precision, no line breaks (one row = one line)."""
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return repr(value)
-    return str(value).replace("\r", " ").replace("\n", " | ")
-
-
-class RowTable:
-    """An append-only CSV table keyed by some of its columns.
-
-    Args:
-        path: the CSV file; created with ``columns`` as header, or reopened (resume).
-        columns: the header, fixed for the table's life.
-        key: columns whose values identify a row; ``append`` skips a row whose key is recorded.
-
-    Raises:
-        ResumeError: the existing file has a different header.
-    """
-
-    def __init__(self, path: str | Path, columns: Sequence[str], key: Sequence[str]) -> None:
-        self.path = Path(path)
-        self.columns = list(columns)
-        self.key = list(key)
-        missing = [k for k in self.key if k not in self.columns]
-        if missing or len(set(self.columns)) != len(self.columns):
-            raise ValueError(f"{self.path.name}: bad columns/key ({missing or 'duplicate column names'})")
-        self.rows: list[dict[str, str]] = []
-        self._keys: set[tuple[str, ...]] = set()
-        if self.path.exists() and self.path.stat().st_size > 0:
-            self._reopen()
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._write_line(self.columns, mode="w")
-
-    # -- reading back ----------------------------------------------------------------------------
-    def _reopen(self) -> None:
-        data = self.path.read_bytes()
-        good = data[: data.rfind(b"\n") + 1]  # a torn last line has no newline yet
-        lines = good.decode("utf-8").splitlines(keepends=True)
-        if not lines:
-            self._truncate(0)
-            self._write_line(self.columns, mode="w")
-            return
-        header = next(csv.reader([lines[0]]))
-        if header != self.columns:
-            extra, lack = sorted(set(header) - set(self.columns)), sorted(set(self.columns) - set(header))
-            raise ResumeError(
-                f"{self.path} was written with other columns (only there: {extra}; only now: {lack}); "
-                "resume with the same command, or choose a fresh run directory")
-        keep = len(lines[0].encode())
-        for line in lines[1:]:
-            values = next(csv.reader([line]), [])
-            if len(values) != len(self.columns):
-                log.warning("%s: dropping a malformed row and everything after it", self.path.name)
-                break
-            row = dict(zip(self.columns, values))
-            self.rows.append(row)
-            self._keys.add(tuple(row[k] for k in self.key))
-            keep += len(line.encode())
-        if keep != len(data):
-            log.warning("%s: cut %d bytes of a torn last row", self.path.name, len(data) - keep)
-            self._truncate(keep)
-
-    def _truncate(self, size: int) -> None:
-        with open(self.path, "r+b") as f:
-            f.truncate(size)
-            f.flush()
-            os.fsync(f.fileno())
-
-    # -- writing ---------------------------------------------------------------------------------
-    def _write_line(self, values: Sequence[str], mode: str = "a") -> None:
-        buf = io.StringIO()
-        csv.writer(buf, lineterminator="\n").writerow(values)
-        with open(self.path, mode, encoding="utf-8", newline="") as f:
-            f.write(buf.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-
-    def key_of(self, row: Mapping[str, Any]) -> tuple[str, ...]:
-        """The key of ``row`` as it reads back from the file."""
-        return tuple(_cell(row.get(k)) for k in self.key)
-
-    def has(self, row: Mapping[str, Any]) -> bool:
-        """Whether a row with the key of ``row`` (a mapping holding at least the key columns) is recorded."""
-        return self.key_of(row) in self._keys
-
-    def append(self, row: Mapping[str, Any]) -> bool:
-        """Write ``row`` (flush + fsync) unless its key is recorded; unknown keys are an error.
-
-        Returns:
-            True when written, False when the key was already there.
-        """
-        unknown = sorted(set(row) - set(self.columns))
-        if unknown:
-            raise KeyError(f"{self.path.name}: columns {unknown} are not in the header")
-        key = self.key_of(row)
-        if key in self._keys:
-            return False
-        values = [_cell(row.get(c)) for c in self.columns]
-        self._write_line(values)
-        self.rows.append(dict(zip(self.columns, values)))
-        self._keys.add(key)
-        return True
-
-
-def read_rows(path: str | Path) -> list[dict[str, str]]:
-    """The complete rows of a table, read-only (a torn last line and malformed rows are left out)."""
-    with open(path, encoding="utf-8", newline="") as f:
-        lines = f.read().splitlines(keepends=True)
-    if not lines:
-        return []
-    header = next(csv.reader([lines[0]]))
-    rows = []
-    for line in lines[1:]:
-        if not line.endswith("\n"):
-            break
-        values = next(csv.reader([line]), [])
-        if len(values) == len(header):
-            rows.append(dict(zip(header, values)))
-    return rows
 
 
 # ------------------------------------------------------------------------------------------------
@@ -242,20 +113,6 @@ def write_summary(path: str | Path, rows: Sequence[Mapping[str, str]], metrics: 
     columns = list(ident) + ["phase", "metric", "version", "mean", "sem", "count", *extra]
     write_csv(path, columns, out)
     return out
-
-
-def write_csv(path: str | Path, columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> None:
-    """Write a whole CSV file atomically (for tables rewritten at once, not appended)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(columns)
-        for row in rows:
-            w.writerow([_cell(row.get(c)) for c in columns])
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], floatfmt: str = "{:.3f}") -> str:

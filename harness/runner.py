@@ -40,6 +40,7 @@ from harness.models import context_length, load_model
 from harness.probes import METRICS, Measurement, build_probes
 from harness.results import (CASES, SUMMARY, ResumeError, RowTable, read_json, write_csv, write_json,
                              write_summary)
+from harness.runlock import RunLock
 from harness.snapshot import model_digest
 from harness.types import EditRequest
 
@@ -476,8 +477,10 @@ def run(cfg: Config, out_dir: str | Path, overrides: Sequence[str] = (), cache: 
         progress: show tqdm bars.
 
     Raises:
+        RunLockedError: another process runs in ``out_dir`` (``harness.runlock``); nothing was written.
         ResumeError: ``out_dir`` holds a run of another configuration.
         RestoreError: the model could not be put back; the run stops.
         KeyboardInterrupt: after the Editor restored the model and every finished row is on disk.
     """
-    return Run(cfg, out_dir, overrides, cache, progress).execute()
+    with RunLock(out_dir):  # one writer per run directory: taken before Run writes anything there
+        return Run(cfg, out_dir, overrides, cache, progress).execute()
