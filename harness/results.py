@@ -46,12 +46,9 @@ def as_float(cell: str | None) -> float:
 
 
 def metric_rows(rows: Iterable[Mapping[str, str]], prefix: str, metrics: Sequence[str]) -> list[dict[str, float]]:
-    """Per-case metric dicts (``{metric: value}``) from the ``<prefix>_<metric>`` cells of rows."""
-    out = []
-    for row in rows:
-        values = {m: as_float(row.get(f"{prefix}_{m}")) for m in metrics}
-        out.append({m: v for m, v in values.items() if not math.isnan(v)})
-    return out
+    """Per-case metric dicts (``{metric: value}``) from the ``<prefix>_<metric>`` cells of rows; empty or
+    non-finite cells are NaN (``summarize`` counts them as excluded)."""
+    return [{m: as_float(row.get(f"{prefix}_{m}")) for m in metrics} for row in rows]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -67,7 +64,7 @@ def summarize_phases(rows: Sequence[Mapping[str, str]], metrics: Sequence[str]) 
     from harness.probes import summarize
 
     edits = [r for r in rows if r.get("point") == "edit"]
-    ok = [r for r in edits if r.get("status") == "ok"]
+    ok = [r for r in edits if r.get("status") in ("ok", "nonfinite")]  # nonfinite: counted as excluded
     phases: dict[str, dict[str, dict]] = {}
     if edits:
         phases["pre"] = summarize(metric_rows(edits, "pre", metrics))
@@ -103,14 +100,16 @@ def write_summary(path: str | Path, rows: Sequence[Mapping[str, str]], metrics: 
         versions: protocol version of each metric (reported beside it).
     """
     edits = [r for r in rows if r.get("point") == "edit"]
-    extra = {"n_cases": len(edits), "n_errors": sum(r.get("status") != "ok" for r in edits),
+    extra = {"n_cases": len(edits), "n_errors": sum(r.get("status") == "error" for r in edits),
+             "n_nonfinite": sum(r.get("status") == "nonfinite" for r in edits),
              "seconds_per_edit": seconds_per_edit(rows)}
     out: list[dict[str, Any]] = []
     for phase, table in summarize_phases(rows, metrics).items():
         for metric, st in table.items():
             out.append({**ident, "phase": phase, "metric": metric, "version": versions.get(metric, ""),
-                        "mean": st["mean"], "sem": st.get("sem", st.get("stderr")), "count": st["count"], **extra})
-    columns = list(ident) + ["phase", "metric", "version", "mean", "sem", "count", *extra]
+                        "mean": st["mean"], "sem": st.get("sem", st.get("stderr")), "count": st["count"],
+                        "excluded": st.get("excluded", 0), **extra})
+    columns = list(ident) + ["phase", "metric", "version", "mean", "sem", "count", "excluded", *extra]
     write_csv(path, columns, out)
     return out
 

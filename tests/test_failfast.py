@@ -189,3 +189,6 @@ def test_nonfinite_logits_are_flagged_not_scored_zero(tmp_path: Path, tiny) -> N
     assert [r["status"] for r in rows] == ["nonfinite", "nonfinite"] and res.n_errors == 0
     assert all(math.isnan(as_float(r["post_efficacy_score"])) and math.isnan(as_float(r["pre_rewrite_acc"]))
                for r in rows)
+    summary = {(r["phase"], r["metric"]): r for r in read_rows(tmp_path / "summary.csv")}
+    post = summary[("post", "efficacy_score")]
+    assert (post["count"], post["excluded"], post["n_nonfinite"], post["n_errors"]) == ("0", "2", "2", "0")
