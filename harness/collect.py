@@ -25,7 +25,8 @@ import yaml
 from harness.probes import METRICS
 from harness.results import (CASES, RETENTION, SUMMARY, format_table, read_frame, read_rows, seconds_per_edit,
                              summarize_phases, write_frame)
-from harness.runner import CASE_KEY, parse_overrides
+from harness.cases import CASE_KEY
+from harness.runsetup import parse_overrides
 
 log = logging.getLogger(__name__)
 

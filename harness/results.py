@@ -21,7 +21,7 @@ from typing import Any
 from harness.tables import ResumeError, RowTable, read_frame, read_rows, write_csv, write_frame
 
 __all__ = ["CASES", "RETENTION", "SUMMARY", "ResumeError", "RowTable", "as_float", "format_table", "metric_rows",
-           "plot_retention", "read_frame", "read_json", "read_rows", "seconds_per_edit", "summarize_phases",
+           "read_frame", "read_json", "read_rows", "seconds_per_edit", "summarize_phases",
            "write_csv", "write_frame", "write_json", "write_summary"]
 
 log = logging.getLogger(__name__)
@@ -83,10 +83,20 @@ def summarize_phases(rows: Sequence[Mapping[str, str]], metrics: Sequence[str]) 
 
 
 def seconds_per_edit(rows: Sequence[Mapping[str, str]]) -> float:
-    """Mean edit seconds per request over successful edit rows (cells are per-request amortized)."""
-    vals = [as_float(r.get("edit_s")) for r in rows if r.get("point") == "edit" and r.get("status") == "ok"]
-    vals = [v for v in vals if not math.isnan(v)]
+    """Mean edit seconds per request over successful edit rows (each row holds its call's seconds
+    and the call's ``batch_size``)."""
+    vals = []
+    for r in rows:
+        if r.get("point") == "edit" and r.get("status") != "error":
+            t, n = as_float(r.get("time_edit_s")), as_float(r.get("batch_size"))
+            if not (math.isnan(t) or math.isnan(n) or n <= 0):
+                vals.append(t / n)
     return sum(vals) / len(vals) if vals else math.nan
+
+
+def prepare_seconds(rows: Sequence[Mapping[str, str]]) -> float:
+    """Total seconds the algorithm's preparation took over the run's processes."""
+    return sum(v for v in (as_float(r.get("time_prepare_s")) for r in rows) if not math.isnan(v))
 
 
 def write_summary(path: str | Path, rows: Sequence[Mapping[str, str]], metrics: Sequence[str],
@@ -102,7 +112,7 @@ def write_summary(path: str | Path, rows: Sequence[Mapping[str, str]], metrics: 
     edits = [r for r in rows if r.get("point") == "edit"]
     extra = {"n_cases": len(edits), "n_errors": sum(r.get("status") == "error" for r in edits),
              "n_nonfinite": sum(r.get("status") == "nonfinite" for r in edits),
-             "seconds_per_edit": seconds_per_edit(rows)}
+             "seconds_per_edit": seconds_per_edit(rows), "prepare_s": prepare_seconds(rows)}
     out: list[dict[str, Any]] = []
     for phase, table in summarize_phases(rows, metrics).items():
         for metric, st in table.items():
@@ -145,53 +155,4 @@ def write_json(path: str | Path, obj: Any) -> None:
         json.dump(obj, f, indent=1, sort_keys=True, default=str)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def plot_retention(path: str | Path, retention: Sequence[Mapping[str, str]], steps: Sequence[tuple[int, float, bool]],
-                   metrics: Sequence[str]) -> None:
-    """Draw ``retention.png``: metric means over earlier edits vs. edit count, and per-step norms.
-
-    Args:
-        retention: rows of ``retention.csv``.
-        steps: (step, weight-change norm, outlier) of every successful edit call.
-        metrics: metric columns of ``retention.csv`` to draw.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    xs = [as_float(r["n_edits"]) for r in retention]
-    curves = {m: [as_float(r.get(m)) for r in retention] for m in metrics}
-    curves = {m: ys for m, ys in curves.items() if any(not math.isnan(y) for y in ys)}
-    unbounded = [m for m in curves if m == "fluency"]  # entropy in nats: its own panel, not on the 0-1 axis
-    fig, axes = plt.subplots(1, 2 + bool(unbounded), figsize=(5.5 * (2 + bool(unbounded)), 4))
-    ax1, ax2 = axes[0], axes[-1]
-    for m, ys in curves.items():
-        ax = axes[1] if m in unbounded else ax1
-        ax.plot(xs, ys, marker="o", label=m)
-    ax1.set_xlabel("edits so far")
-    ax1.set_ylabel("mean over all earlier edits")
-    ax1.set_title("retention")
-    ax1.legend(fontsize=7)
-    if unbounded:
-        axes[1].set_xlabel("edits so far")
-        axes[1].set_ylabel("n-gram entropy")
-        axes[1].set_title("fluency")
-    if steps:
-        ax2.plot([s for s, _, _ in steps], [n for _, n, _ in steps], lw=1)
-        out = [(s, n) for s, n, o in steps if o]
-        if out:
-            ax2.scatter([s for s, _ in out], [n for _, n in out], color="red", zorder=3, label="outlier")
-            ax2.legend(fontsize=7)
-        if all(n > 0 for _, n, _ in steps):
-            ax2.set_yscale("log")
-    ax2.set_xlabel("edit call")
-    ax2.set_ylabel("weight-change norm")
-    ax2.set_title("per-step weight change")
-    fig.tight_layout()
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
     os.replace(tmp, path)
