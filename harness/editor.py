@@ -3,8 +3,10 @@
 Single-edit mode (``keep_original_weight=True``): before each edit the Editor clones exactly the
 parameters the algorithm declares (``weights_copy``) and the algorithm's state; after the probes it
 restores both in a ``finally`` block, so an exception or Ctrl-C anywhere leaves the model as it was,
-and verifies the restore: every target equals its snapshot bit for bit, and no undeclared parameter
-changed (whole-model fingerprint). Violations raise ``RestoreError`` naming the parameters.
+and verifies the restore: every target equals its snapshot bit for bit, and nothing else about the
+model changed (``harness.signature.StateSignature``: every parameter and buffer, the module tree,
+hooks, training and ``requires_grad`` flags, gradients). Violations raise ``RestoreError`` saying
+what differs.
 
 Sequential mode (``keep_original_weight=False``): edits accumulate. A step that raises is rolled
 back to the state before that step. The Editor keeps the original value of every parameter touched
@@ -28,14 +30,15 @@ from torch import nn
 from harness.algorithms.base import AlgorithmError, EditAlgorithm
 from harness.models import num_layers
 from harness.probes.base import Measurement, ProbeSuite
-from harness.snapshot import SnapshotError, WeightsCopy, fingerprint, tensor_fingerprint
+from harness.signature import StateSignature
+from harness.snapshot import SnapshotError, WeightsCopy, fingerprint_hex
 from harness.types import EditReport, EditRequest
 
 log = logging.getLogger(__name__)
 
 
 class RestoreError(SnapshotError):
-    """The model is not what it should be after a restore, or an algorithm wrote an undeclared parameter."""
+    """The model is not what it should be after a restore, or an edit changed something undeclared."""
 
 
 @dataclass
@@ -48,7 +51,7 @@ class EditOutcome:
         report: the algorithm's report.
         pre, post: probe measurements before and after the edit (None without probes).
         timings: seconds for ``pre``, ``edit``, ``probe``, ``restore`` (copy back and bit-compare the
-            targets) and ``verify`` (fingerprint of every other parameter).
+            targets) and ``verify`` (the whole-model ``StateSignature`` and its comparison).
         snapshot_bytes: size of the snapshot taken for this edit.
     """
 
@@ -74,7 +77,8 @@ class Editor:
         probes: a probe suite (``measure``), or None to skip evaluation.
         keep_original_weight: True restores after every edit; False lets edits accumulate.
         offload_snapshot: keep snapshots on the CPU instead of the parameters' device.
-        verify_untouched: fingerprint every parameter after each edit to prove nothing undeclared changed.
+        verify_untouched: record the model's whole state (``StateSignature``) after each edit to prove
+            nothing undeclared changed.
     """
 
     def __init__(self, model: nn.Module, tok, algorithm: EditAlgorithm, probes: ProbeSuite | None = None,
@@ -90,7 +94,7 @@ class Editor:
         self.weights_copy: WeightsCopy | None = None  # snapshot of the latest edit
         self.originals = WeightsCopy()  # base values of every parameter touched so far (sequential)
         self.n_edits = 0  # requests applied and kept (sequential mode)
-        self._expected = fingerprint(model) if verify_untouched else {}
+        self._expected = StateSignature.take(model) if verify_untouched else StateSignature()
         self._base_state = _clone_state(algorithm.state_dict())
 
     # ------------------------------------------------------------------------------------------
@@ -124,7 +128,8 @@ class Editor:
 
         Raises:
             Whatever the algorithm or a probe raised, after the model was restored;
-            ``RestoreError`` when the restore does not verify or an undeclared parameter changed.
+            ``RestoreError`` when the restore does not verify or anything outside the declared
+            targets' values changed (parameters, buffers, hooks, flags, the module tree).
         """
         batch = (requests,) if isinstance(requests, EditRequest) else tuple(requests)
         probing = evaluate and self.probes is not None
@@ -158,8 +163,6 @@ class Editor:
             timings["restore"] = time.perf_counter() - t
             t = time.perf_counter()
             self._check_untouched(exclude=set() if rolling_back else targets)
-            if not rolling_back and self.verify_untouched:
-                self._expected.update(fingerprint(self.model, targets))
             timings["verify"] = time.perf_counter() - t
         if not self.keep_original_weight:
             self.n_edits += len(batch)
@@ -179,13 +182,15 @@ class Editor:
                 self.originals.tensors[name] = self.weights_copy.tensors[name]
 
     def _check_untouched(self, exclude: set[str]) -> None:
+        """Compare the model with the expected signature, ignoring the values of ``exclude``; adopt it if equal."""
         if not self.verify_untouched:
             return
-        params = dict(self.model.named_parameters())
-        changed = [n for n, fp in self._expected.items() if n not in exclude and tensor_fingerprint(params[n]) != fp]
-        if changed:
-            raise RestoreError(
-                f"{self.algorithm.name}: parameter(s) changed that were not declared as targets: {sorted(changed)}")
+        now = StateSignature.take(self.model)
+        diffs = self._expected.differences(now, ignore_values=exclude)
+        if diffs:
+            raise RestoreError(f"{self.algorithm.name}: the model changed outside the declared targets: "
+                               + "; ".join(diffs))
+        self._expected = now
 
     # ------------------------------------------------------------------------------------------
     def restore(self) -> None:
@@ -193,9 +198,7 @@ class Editor:
         self.originals.restore(self.model)
         self.originals.verify(self.model)
         self.algorithm.load_state_dict(_clone_state(self._base_state))
-        if self.verify_untouched:
-            self._expected.update(fingerprint(self.model, self.originals.names))
-            self._check_untouched(exclude=set())
+        self._check_untouched(exclude=set(self.originals.names))  # now bit-equal to their verified originals
         self.originals = WeightsCopy()
         self.n_edits = 0
 
@@ -213,7 +216,7 @@ class Editor:
         names = self.originals.names
         meta = {"format": "harness-delta-v1", "n_edits": str(self.n_edits)}
         for n in names:
-            meta["base:" + n] = "%d:%d" % tensor_fingerprint(self.originals.tensors[n])
+            meta["base:" + n] = fingerprint_hex(self.originals.tensors[n])
         save_file({n: params[n].detach().contiguous().cpu() for n in names}, str(path), metadata=meta)
         return names
 
@@ -236,7 +239,7 @@ class Editor:
         self.algorithm.load_state_dict(state)
         self.n_edits = int(json.loads((d / "editor.json").read_text())["n_edits"])
         if self.verify_untouched:
-            self._expected.update(fingerprint(self.model, names))
+            self._expected.refresh(self.model, names)
 
 
 def apply_delta(model: nn.Module, path: str | Path, originals: WeightsCopy | None = None,
@@ -260,7 +263,7 @@ def apply_delta(model: nn.Module, path: str | Path, originals: WeightsCopy | Non
     if check_base:
         for n in delta.names:
             want = meta.get("base:" + n)
-            have = "%d:%d" % tensor_fingerprint(params[n])
+            have = fingerprint_hex(params[n])
             if want is not None and want != have:
                 raise SnapshotError(f"{path}: parameter {n!r} of this model is not the base the delta was made from")
     if originals is not None:
