@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -13,6 +14,22 @@ from harness.config import validate
 from harness.data import load_requests
 from harness.models import load_model
 from harness.types import EditRequest
+
+# The development data (full CounterFact and zsRE files): ``../shared/data`` beside the repository.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def shared_file(name: str) -> Path:
+    """A file of the development data beside the repository (``../shared/data/<name>``).
+
+    Raises:
+        SystemExit: the file is not there (the message names the path and says how to give another).
+    """
+    path = SHARED_DATA / name
+    if not path.is_file():
+        raise SystemExit(f"development data not found: {path} (../shared/data beside the repository); "
+                         "give a data file with --data")
+    return path
 
 
 def smollm2_and_requests(n: int, data: Optional[str] = None, threads: int = 0) -> tuple[Any, Any, list[EditRequest]]:

@@ -8,6 +8,18 @@ import torch
 
 from harness.models import _TINY_CORPUS, load_model
 
+# The development data (full CounterFact and zsRE files) lives beside the repository, in
+# ``../shared/data`` relative to its root; it is not shipped, so tests that need it skip without it.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The development data directory beside the repository (``../shared/data``); skips when absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"development data not found: {SHARED_DATA} (../shared/data beside the repository)")
+    return SHARED_DATA
+
 
 @pytest.fixture
 def tiny():

@@ -208,7 +208,7 @@ def test_alphaedit_tiny_edits_declared_weights_and_shrinks_z_error(arch, tiny, t
     assert report.info["z_error.final"] < 0.8 * report.info["z_error.0"]
     for layer in (0, 1):
         assert 0 < report.info[f"nullspace_dim.{layer}"] < 128  # a proper null space at this threshold
-        # ALGORITHMS.md §3 verification 2: on the model's own C, ‖P C P‖₂ <= threshold.
+        # docs/algorithms/alphaedit.md (how it is checked): on the model's own C, ‖P C P‖₂ <= threshold.
         cov = alg.stats.get(model, tok, model_spec(model), layer, alg.hparams.stats_config()).double()
         proj = alg.projector(model, layer)
         assert float(torch.linalg.matrix_norm(proj @ cov @ proj, ord=2)) <= alg.hparams.nullspace_threshold

@@ -21,7 +21,7 @@ FAST = dict(layer=0, v_num_grad_steps=4, context_template_length_params=[[4, 2]]
 
 
 # ----------------------------------------------------------------------------------------------
-# synthetic: ALGORITHMS.md §1 Verification 1
+# synthetic: the properties of the update in docs/algorithms/rome.md
 
 
 @pytest.mark.parametrize("bias", [False, True])

@@ -1,4 +1,4 @@
-"""``alphaedit``: null-space constrained knowledge editing (Fang et al., ICLR 2025), ALGORITHMS.md §3.
+"""``alphaedit``: null-space constrained knowledge editing (Fang et al., ICLR 2025), docs/algorithms/alphaedit.md.
 
 MEMIT's targets, keys and residuals (memit.py), with the per-layer solve replaced by
 

@@ -1,4 +1,4 @@
-"""Locate-then-edit building blocks shared by ROME, MEMIT and AlphaEdit (ALGORITHMS.md §0-2).
+"""Locate-then-edit building blocks shared by ROME, MEMIT and AlphaEdit (docs/algorithms/locate.md).
 
 Meng et al. 2022 ("Locating and Editing Factual Associations in GPT", ROME), Meng et al. 2023
 ("Mass-Editing Memory in a Transformer", MEMIT), Gupta et al. 2024 ("Rebuilding ROME").
@@ -90,7 +90,7 @@ def encode_right_padded(tok: Any, texts: Sequence[str], device: torch.device) ->
 def subject_last_index(tok: Any, text_template: str, subject: str) -> int:
     """Index of the subject's last token in ``tok(text_template with subject)["input_ids"]``.
 
-    Cumulative method of ALGORITHMS.md §0: for ``A{}B`` the index is ``len(enc(A + subject)) - 1``,
+    Cumulative method of docs/algorithms/locate.md: for ``A{}B`` the index is ``len(enc(A + subject)) - 1``,
     which counts a BOS the same way the full encoding does. Checked by decoding: ``enc(A+subject)``
     must be a prefix of the full encoding. When the tokenizer merges the subject's end with the
     suffix, the token that holds the subject's last character is taken instead (a warning).
@@ -139,7 +139,7 @@ def _counts(count: int, n: int) -> list[int]:
 @torch.no_grad()
 def generate_context_templates(model: nn.Module, tok: Any, length_params: Sequence[Sequence[int]], seed: int = 0,
                                seed_words: Sequence[str] = SEED_WORDS, top_k: int = 5) -> list[str]:
-    """Random-prefix templates ``["{}", "<text>. {}", ...]`` sampled from ``model`` (ALGORITHMS.md §0).
+    """Random-prefix templates ``["{}", "<text>. {}", ...]`` sampled from ``model`` (docs/algorithms/locate.md).
 
     For each ``(length, count)`` pair, ``count`` texts of ``length`` tokens in total (the seed word
     and any BOS included, as in ROME's ``generate_fast``) are sampled with top-k sampling; the seed

@@ -1,4 +1,4 @@
-"""``memit``: Mass-Editing Memory in a Transformer (Meng et al., ICLR 2023), ALGORITHMS.md §2.
+"""``memit``: Mass-Editing Memory in a Transformer (Meng et al., ICLR 2023), docs/algorithms/memit.md.
 
 One ``apply`` edits a batch of n requests across layers ``l_1 < ... < l_L``:
 
@@ -64,8 +64,8 @@ class SpreadHparams:
     Attributes:
         layers: edited layers, strictly increasing; z is optimised at the block output of the last.
         v_num_grad_steps, v_lr, v_weight_decay, clamp_norm_factor, kl_factor, v_loss_layer,
-        v_early_stop_loss: the z optimisation (``target.TargetHparams``; ALGORITHMS.md §1 step 2
-            with the §2 differences); ``v_loss_layer`` None means the last layer.
+        v_early_stop_loss: the z optimisation (``target.TargetHparams``, ``where="block"``;
+            docs/algorithms/target-optimisation.md); ``v_loss_layer`` None means the last layer.
         context_template_length, context_template_count: the second template group (``count``
             samples of ``length`` tokens); the first group is the bare ``"{}"``.
         template_seed: seed of the template sampling.

@@ -1,4 +1,4 @@
-"""``rome``: Rank-One Model Editing (Meng et al. 2022) with the r-ROME fix (Gupta et al. 2024), ALGORITHMS.md §1.
+"""``rome``: Rank-One Model Editing (Meng et al. 2022) with the r-ROME fix (Gupta et al. 2024), docs/algorithms/rome.md.
 
 One request edits the MLP output projection ``W`` (``v = W k``) of one layer with a rank-one update:
 

@@ -1,8 +1,9 @@
 """The target vector of ROME (δ on an MLP output) and MEMIT/AlphaEdit (δ on a block output).
 
-ALGORITHMS.md §1 step 2 (Meng et al. 2022, "Locating and Editing Factual Associations in GPT") and
-its §2 variant (Meng et al. 2023, "Mass-Editing Memory in a Transformer"). Public names are also
-reachable as ``harness.algorithms.locate.{TargetHparams, TargetResult, optimize_target}``.
+docs/algorithms/target-optimisation.md: ROME's v* (Meng et al. 2022, "Locating and Editing Factual
+Associations in GPT") and its MEMIT variant (Meng et al. 2023, "Mass-Editing Memory in a
+Transformer"). Public names are also reachable as
+``harness.algorithms.locate.{TargetHparams, TargetResult, optimize_target}``.
 
 Speed: δ sits at the subject's last token, so under causal attention nothing before that token
 depends on δ. ``optimize_target`` cuts every prompt there, runs the prefixes once to fill a KV
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TargetHparams:
-    """Settings of the target optimisation (ALGORITHMS.md §1 step 2; §2 for ``where="block"``).
+    """Settings of the target optimisation (docs/algorithms/target-optimisation.md).
 
     Attributes:
         num_grad_steps: loop iterations; the last one only evaluates (at most N-1 Adam steps).
@@ -213,8 +214,8 @@ def optimize_target(model: nn.Module, tok: Any, spec: ModelSpec, request: EditRe
     (``where="block"``): δ is added to the output hidden state of block ``layer``. In both, δ goes
     at the subject's last token of every prompt: one rewriting prompt per template
     (``template(prompt) + target[:-1]``, as token ids, so no decode/re-encode round trip) and the
-    KL prompt ``"{subject} is a"``. Loss (ALGORITHMS.md §1 step 2): mean target NLL over the
-    rewriting prompts + ``kl_factor``·KL(P_δ‖P_0) at the KL prompt's subject token +
+    KL prompt ``"{subject} is a"``. Loss (docs/algorithms/target-optimisation.md): mean target NLL
+    over the rewriting prompts + ``kl_factor``·KL(P_δ‖P_0) at the KL prompt's subject token +
     ``weight_decay``·‖δ‖/‖v_init‖². Adam on a float32 δ (cast to the hidden dtype in the hook),
     early stop below ``early_stop_loss``, norm clamp after each step.
 

@@ -1,7 +1,7 @@
 """Prompt + target tokenisation with an exact label mask, for the fine-tuning edits (FT-L, FT-M, LoRA).
 
 EasyEdit finds where the target starts in ``prompt + target`` by counting pad tokens, which is
-right only under left padding (ALGORITHMS.md §4). Here the split comes from character offsets of
+right only under left padding (docs/algorithms/ft.md). Here the split comes from character offsets of
 the joint encoding: a token is a target token when it is not special and starts at or after the
 end of the prompt. Should a token straddle that boundary (a tokenizer merging across it), or the
 tokenizer give no offsets (a slow one), the prompt and the target are encoded separately and

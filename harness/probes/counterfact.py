@@ -2,7 +2,7 @@
 Associations in GPT", ``experiments/py/eval_utils_counterfact.py`` and ``summarize.py``).
 
 Per request, from the scorer's per-token geometric-mean probabilities ``P(y|x) = exp(-NLL)``
-(ALGORITHMS.md 5.1/5.2):
+(docs/metrics/counterfact.md):
 
 - ``efficacy_score`` = 1[P(o*|rewrite) > P(o|rewrite)], ``efficacy_magnitude`` = P(o*) - P(o);
 - ``paraphrase_score`` / ``paraphrase_magnitude``: the same, averaged over the paraphrase prompts;

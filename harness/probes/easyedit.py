@@ -2,9 +2,9 @@
 Editing Framework for Large Language Models", ``easyeditor/evaluate/evaluate_utils.py``).
 
 For a pair ``(prompt, target)`` the accuracy is the fraction of target tokens that equal the model's
-argmax at the position predicting them (teacher forcing on ``prompt + " " + target``; ALGORITHMS.md
-5.3). The offsets come from the scorer's difference method, not from pad counts, so they are right
-whatever the padding side.
+argmax at the position predicting them (teacher forcing on ``prompt + " " + target``;
+docs/metrics/easyedit.md). The offsets come from the scorer's difference method, not from pad
+counts, so they are right whatever the padding side.
 
 - ``rewrite_acc``: (rewrite prompt, target_new);
 - ``rephrase_acc``: mean over paraphrase prompts of (paraphrase, target_new);

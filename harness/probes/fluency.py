@@ -1,5 +1,5 @@
 """Generation fluency: weighted n-gram entropy of sampled text (ROME paper, Meng et al. 2022, "GE";
-``experiments/py/eval_utils_counterfact.py::n_gram_entropy``; ALGORITHMS.md 5.4).
+``experiments/py/eval_utils_counterfact.py::n_gram_entropy``; docs/metrics/fluency.md).
 
 Per text, with words from a regex tokenizer and relative n-gram frequencies ``f``:
 ``H_n = -sum f log2 f`` for n in {2, 3}, and ``GE = mean(2/3 H_2, 4/3 H_3) = H_2/3 + 2 H_3/3``;
