@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional
 log = logging.getLogger(__name__)
 
 MISSING = "???"
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # shipped inside the package; ./conf links here
 
 
 @dataclass
