@@ -5,7 +5,9 @@ exactly) are ``harness.tables``; its names are re-exported here.
 
 Tables of a run directory:
   * ``cases.csv``: one row per case and evaluation point (``point`` = ``edit`` or ``retention``);
-  * ``summary.csv``: per phase and metric: mean, standard error, count (``harness.probes.summarize``);
+  * ``summary.csv``: per phase and metric: the metric's protocol version, direction (↑ higher is
+    better, ↓ lower) and unit from its ``MetricInfo``, then mean, standard error, count
+    (``harness.probes.summarize``);
   * ``retention.csv`` (sequential runs): one row per retention point.
 """
 from __future__ import annotations
@@ -20,9 +22,9 @@ from typing import Any
 
 from harness.tables import ResumeError, RowTable, read_frame, read_rows, write_csv, write_frame
 
-__all__ = ["CASES", "RETENTION", "SUMMARY", "ResumeError", "RowTable", "as_float", "format_table", "metric_rows",
-           "plot_retention", "read_frame", "read_json", "read_rows", "seconds_per_edit", "summarize_phases",
-           "write_csv", "write_frame", "write_json", "write_summary"]
+__all__ = ["CASES", "RETENTION", "SUMMARY", "ResumeError", "RowTable", "as_float", "format_table", "metric_meta",
+           "metric_rows", "plot_retention", "read_frame", "read_json", "read_rows", "seconds_per_edit", "summarize_phases",
+           "summary_table", "write_csv", "write_frame", "write_json", "write_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,15 @@ def metric_rows(rows: Iterable[Mapping[str, str]], prefix: str, metrics: Sequenc
 
 # ------------------------------------------------------------------------------------------------
 # summary
+
+
+def metric_meta(metric: str) -> dict[str, Any]:
+    """``direction`` (↑/↓) and ``unit`` of a registered metric, from its ``MetricInfo`` (empty strings
+    for a column no registered probe family declares, e.g. a plugin that is not installed)."""
+    from harness.probes import METRICS
+
+    info = METRICS.get(metric)
+    return {"direction": info.direction if info else "", "unit": info.unit if info else ""}
 
 
 def summarize_phases(rows: Sequence[Mapping[str, str]], metrics: Sequence[str]) -> dict[str, dict[str, dict]]:
@@ -98,6 +109,10 @@ def write_summary(path: str | Path, rows: Sequence[Mapping[str, str]], metrics: 
         metrics: the per-case metric names.
         ident: columns repeated on every summary row (run_id, model, algorithm, overrides ...).
         versions: protocol version of each metric (reported beside it).
+
+    Returns:
+        One dict per (phase, metric): ``ident``, ``phase``, ``metric``, ``version``, ``direction``,
+        ``unit``, ``mean``, ``sem``, ``count``, ``excluded`` and the run's counts and timing.
     """
     edits = [r for r in rows if r.get("point") == "edit"]
     extra = {"n_cases": len(edits), "n_errors": sum(r.get("status") == "error" for r in edits),
@@ -107,11 +122,33 @@ def write_summary(path: str | Path, rows: Sequence[Mapping[str, str]], metrics: 
     for phase, table in summarize_phases(rows, metrics).items():
         for metric, st in table.items():
             out.append({**ident, "phase": phase, "metric": metric, "version": versions.get(metric, ""),
-                        "mean": st["mean"], "sem": st.get("sem", st.get("stderr")), "count": st["count"],
-                        "excluded": st.get("excluded", 0), **extra})
-    columns = list(ident) + ["phase", "metric", "version", "mean", "sem", "count", "excluded", *extra]
+                        **metric_meta(metric), "mean": st["mean"], "sem": st.get("sem", st.get("stderr")),
+                        "count": st["count"], "excluded": st.get("excluded", 0), **extra})
+    columns = list(ident) + ["phase", "metric", "version", "direction", "unit", "mean", "sem", "count", "excluded",
+                             *extra]
     write_csv(path, columns, out)
     return out
+
+
+def summary_table(summary: Sequence[Mapping[str, Any]], phases: Sequence[str] = ("pre", "post", "final")) -> str:
+    """Metrics as rows (with direction and unit), the phases present as ``mean ± sem`` columns.
+
+    Args:
+        summary: rows as ``write_summary`` returns them.
+        phases: the phases to show, in this order, when present.
+    """
+    shown = [p for p in phases if any(r["phase"] == p for r in summary)]
+    table: dict[str, dict[str, str]] = {}
+    for r in summary:
+        if r["phase"] not in shown:
+            continue
+        sem = r["sem"]
+        cell = f"{r['mean']:.3f}" + (f" ± {sem:.3f}" if isinstance(sem, float) and not math.isnan(sem) else "")
+        meta = metric_meta(r["metric"])
+        row = table.setdefault(r["metric"], {"metric": f"{r['metric']} {meta['direction']}".rstrip(),
+                                             "unit": meta["unit"], "n": str(r["count"])})
+        row[r["phase"]] = cell
+    return format_table(list(table.values()), ["metric", "unit", *shown, "n"])
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], floatfmt: str = "{:.3f}") -> str:
@@ -162,23 +199,32 @@ def plot_retention(path: str | Path, retention: Sequence[Mapping[str, str]], ste
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
+    from harness.probes import METRICS
+
     xs = [as_float(r["n_edits"]) for r in retention]
     curves = {m: [as_float(r.get(m)) for r in retention] for m in metrics}
     curves = {m: ys for m, ys in curves.items() if any(not math.isnan(y) for y in ys)}
-    unbounded = [m for m in curves if m == "fluency"]  # entropy in nats: its own panel, not on the 0-1 axis
-    fig, axes = plt.subplots(1, 2 + bool(unbounded), figsize=(5.5 * (2 + bool(unbounded)), 4))
+    # Bounded metrics (fractions, probability differences) share one axis; every unit of unbounded
+    # ones (e.g. entropy in bits) gets its own panel.
+    unbounded: dict[str, list[str]] = {}
+    for m in curves:
+        info = METRICS.get(m)
+        if info is not None and info.bounds is None:
+            unbounded.setdefault(info.unit, []).append(m)
+    panel = {m: 1 + i for i, ms in enumerate(unbounded.values()) for m in ms}
+    n = 2 + len(unbounded)
+    fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4))
     ax1, ax2 = axes[0], axes[-1]
     for m, ys in curves.items():
-        ax = axes[1] if m in unbounded else ax1
-        ax.plot(xs, ys, marker="o", label=m)
+        axes[panel.get(m, 0)].plot(xs, ys, marker="o", label=m)
     ax1.set_xlabel("edits so far")
     ax1.set_ylabel("mean over all earlier edits")
     ax1.set_title("retention")
     ax1.legend(fontsize=7)
-    if unbounded:
-        axes[1].set_xlabel("edits so far")
-        axes[1].set_ylabel("n-gram entropy")
-        axes[1].set_title("fluency")
+    for i, (unit, ms) in enumerate(unbounded.items(), start=1):
+        axes[i].set_xlabel("edits so far")
+        axes[i].set_ylabel(unit)
+        axes[i].set_title(", ".join(ms))
     if steps:
         ax2.plot([s for s, _, _ in steps], [n for _, n, _ in steps], lw=1)
         out = [(s, n) for s, n, o in steps if o]

@@ -283,3 +283,16 @@ def test_values_do_not_depend_on_how_the_config_orders_families(tiny):
     assert [list(r) for r in a] == [list(r) for r in b]
     assert all(x[k] == y[k] or (math.isnan(x[k]) and math.isnan(y[k])) for x, y in zip(a, b) for k in x)
 
+
+def test_summary_table_and_csv_carry_direction_and_unit(tmp_path):
+    from harness.results import read_rows, summary_table, write_summary
+
+    rows = [{"point": "edit", "status": "ok", "pre_efficacy_score": "0.0", "post_efficacy_score": "1.0",
+             "pre_fluency": "3.5", "post_fluency": "3.0", "edit_s": "1"}]
+    out = write_summary(tmp_path / "s.csv", rows, ["efficacy_score", "fluency"], {"run_id": "r"},
+                        {"efficacy_score": 1, "fluency": 1})
+    back = read_rows(tmp_path / "s.csv")
+    assert [(r["metric"], r["direction"], r["unit"]) for r in back if r["phase"] == "post"] == \
+        [("efficacy_score", "↑", "fraction"), ("fluency", "↑", "bits")]
+    text = summary_table(out)
+    assert "efficacy_score ↑  fraction" in text and "fluency ↑" in text and "bits" in text
