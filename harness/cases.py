@@ -36,14 +36,6 @@ METRIC_DIGITS = 10  # significant digits written for metric values
 TIME_DECIMALS = 4  # seconds written to 0.1 ms
 
 
-def case_metrics(probes: Any) -> list[str]:
-    """Metric names with a per-case value (aggregates contribute their inputs), in ``METRICS`` order."""
-    names: set[str] = set()
-    for info in probes.infos():
-        names |= {info.name} if info.aggregate == "mean" else set(info.inputs)
-    return [m for m in METRICS if m in names]
-
-
 def _metric(value: Any) -> Any:
     if isinstance(value, float) and math.isfinite(value):
         return float(f"{value:.{METRIC_DIGITS}g}")
@@ -63,7 +55,7 @@ class CaseLog:
 
     def __init__(self, setup: RunSetup) -> None:
         cfg = setup.cfg
-        self.metrics = case_metrics(setup.probes)
+        self.metrics = setup.probes.row_metrics()
         names = self.metrics + [i.name for i in setup.probes.infos() if i.name not in self.metrics]
         self.versions = {m: METRICS[m].version for m in names}
         self.ident = {"run_id": cfg.run_id or f"{setup.out.parent.name}/{setup.out.name}",

@@ -77,7 +77,19 @@ class DataConfig:
 
 @dataclass
 class ProbesConfig:
-    """The probe suite (``harness.probes.build_probes``); metrics None means all but fluency."""
+    """The probe suite (``harness.probes.build_probes``, which takes these keys as they are).
+
+    Attributes:
+        metrics: what to measure: registered probe family names (all their metrics; the name of a
+            family is its section in ``conf/probes/*.yaml``) and/or single metric names, e.g.
+            ``[counterfact, easyedit]`` or ``[efficacy_score, score, rewrite_acc]``. None: the
+            families registered as default (``counterfact`` and ``easyedit``).
+        batch_size: rows per scorer forward pass (and prompts per generation batch).
+        fluency: add the ``fluency`` family (same as naming it in ``metrics``).
+        fluency_max_new_tokens, fluency_max_prompts: the ``fluency`` family's settings
+            (``<family>_<setting>``; see ``harness.probes.fluency.FluencySettings``).
+        seed: the sampling seed of generating families.
+    """
 
     metrics: Optional[List[str]] = None
     batch_size: int = 32

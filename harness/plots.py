@@ -1,8 +1,8 @@
 """The retention plot of a sequential run: one panel per kind of metric, and the per-step weight change.
 
-Kinds keep unlike numbers off a shared axis: probabilities of success (``*_score``, accuracies;
-0-1), probability gaps (``*_magnitude``; -1-1), and generation statistics (``fluency``: n-gram
-entropy). A metric's kind is its declared unit when the probe declares one, else read from its name.
+Panels keep unlike numbers off a shared axis: one per unit the probes declare (fractions such as
+``*_score`` and accuracies, probability gaps such as ``*_magnitude``, bits of n-gram entropy for
+``fluency``, and whatever a plugin probe declares).
 The title names the run (model, algorithm, batch size); edit counts are integers; legends sit
 outside the data.
 """
@@ -15,22 +15,16 @@ from pathlib import Path
 
 from harness.results import as_float
 
-KIND_LABELS = {"fraction": "mean over earlier edits (0-1)", "probability gap": "mean P(new) - P(old) gap",
-               "entropy": "n-gram entropy"}
+UNIT_LABELS = {"fraction": "mean over earlier edits (0-1)", "probability": "mean P(new) - P(old)",
+               "bits": "n-gram entropy (bits)"}
 
 
 def metric_kind(name: str) -> str:
-    """The panel a metric goes on: its declared unit, else ``fraction`` / ``probability gap`` / ``entropy``."""
+    """The panel a metric goes on: the unit its probe declares (``unknown`` for a column no probe declares)."""
     from harness.probes import METRICS
 
-    unit = getattr(METRICS.get(name), "unit", None)
-    if unit:
-        return str(unit)
-    if name.endswith("_magnitude"):
-        return "probability gap"
-    if name == "fluency":
-        return "entropy"
-    return "fraction"
+    info = METRICS.get(name)
+    return info.unit if info is not None else "unknown"
 
 
 def plot_retention(path: str | Path, retention: Sequence[Mapping[str, str]], steps: Sequence[tuple[int, float, bool]],
@@ -61,7 +55,7 @@ def plot_retention(path: str | Path, retention: Sequence[Mapping[str, str]], ste
         for m in names:
             ax.plot(xs, curves[m], marker="o", label=m)
         ax.set_xlabel("edits so far")
-        ax.set_ylabel(KIND_LABELS.get(kind, kind))
+        ax.set_ylabel(UNIT_LABELS.get(kind, kind))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     ax = axes[0][-1]

@@ -5,7 +5,9 @@ exactly) are ``harness.tables``; its names are re-exported here.
 
 Tables of a run directory:
   * ``cases.csv``: one row per case and evaluation point (``point`` = ``edit`` or ``retention``);
-  * ``summary.csv``: per phase and metric: mean, standard error, count (``harness.probes.summarize``);
+  * ``summary.csv``: per phase and metric: the metric's protocol version, direction (↑ higher is
+    better, ↓ lower) and unit from its ``MetricInfo``, then mean, standard error, count
+    (``harness.probes.summarize``);
   * ``retention.csv`` (sequential runs): one row per retention point.
 """
 from __future__ import annotations
@@ -20,9 +22,9 @@ from typing import Any
 
 from harness.tables import ResumeError, RowTable, read_frame, read_rows, write_csv, write_frame
 
-__all__ = ["CASES", "RETENTION", "SUMMARY", "ResumeError", "RowTable", "as_float", "format_table", "metric_rows",
-           "read_frame", "read_json", "read_rows", "seconds_per_edit", "summarize_phases",
-           "write_csv", "write_frame", "write_json", "write_summary"]
+__all__ = ["CASES", "RETENTION", "SUMMARY", "ResumeError", "RowTable", "as_float", "format_table", "metric_meta",
+           "metric_rows", "read_frame", "read_json", "read_rows", "seconds_per_edit", "summarize_phases",
+           "summary_table", "write_csv", "write_frame", "write_json", "write_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,15 @@ def metric_rows(rows: Iterable[Mapping[str, str]], prefix: str, metrics: Sequenc
 
 # ------------------------------------------------------------------------------------------------
 # summary
+
+
+def metric_meta(metric: str) -> dict[str, Any]:
+    """``direction`` (↑/↓) and ``unit`` of a registered metric, from its ``MetricInfo`` (empty strings
+    for a column no registered probe family declares, e.g. a plugin that is not installed)."""
+    from harness.probes import METRICS
+
+    info = METRICS.get(metric)
+    return {"direction": info.direction if info else "", "unit": info.unit if info else ""}
 
 
 def summarize_phases(rows: Sequence[Mapping[str, str]], metrics: Sequence[str]) -> dict[str, dict[str, dict]]:
@@ -108,6 +119,10 @@ def write_summary(path: str | Path, rows: Sequence[Mapping[str, str]], metrics: 
         metrics: the per-case metric names.
         ident: columns repeated on every summary row (run_id, model, algorithm, overrides ...).
         versions: protocol version of each metric (reported beside it).
+
+    Returns:
+        One dict per (phase, metric): ``ident``, ``phase``, ``metric``, ``version``, ``direction``,
+        ``unit``, ``mean``, ``sem``, ``count``, ``excluded`` and the run's counts and timing.
     """
     edits = [r for r in rows if r.get("point") == "edit"]
     extra = {"n_cases": len(edits), "n_errors": sum(r.get("status") == "error" for r in edits),
@@ -117,11 +132,33 @@ def write_summary(path: str | Path, rows: Sequence[Mapping[str, str]], metrics: 
     for phase, table in summarize_phases(rows, metrics).items():
         for metric, st in table.items():
             out.append({**ident, "phase": phase, "metric": metric, "version": versions.get(metric, ""),
-                        "mean": st["mean"], "sem": st.get("sem", st.get("stderr")), "count": st["count"],
-                        "excluded": st.get("excluded", 0), **extra})
-    columns = list(ident) + ["phase", "metric", "version", "mean", "sem", "count", "excluded", *extra]
+                        **metric_meta(metric), "mean": st["mean"], "sem": st.get("sem", st.get("stderr")),
+                        "count": st["count"], "excluded": st.get("excluded", 0), **extra})
+    columns = list(ident) + ["phase", "metric", "version", "direction", "unit", "mean", "sem", "count", "excluded",
+                             *extra]
     write_csv(path, columns, out)
     return out
+
+
+def summary_table(summary: Sequence[Mapping[str, Any]], phases: Sequence[str] = ("pre", "post", "final")) -> str:
+    """Metrics as rows (with direction and unit), the phases present as ``mean ± sem`` columns.
+
+    Args:
+        summary: rows as ``write_summary`` returns them.
+        phases: the phases to show, in this order, when present.
+    """
+    shown = [p for p in phases if any(r["phase"] == p for r in summary)]
+    table: dict[str, dict[str, str]] = {}
+    for r in summary:
+        if r["phase"] not in shown:
+            continue
+        sem = r["sem"]
+        cell = f"{r['mean']:.3f}" + (f" ± {sem:.3f}" if isinstance(sem, float) and not math.isnan(sem) else "")
+        meta = metric_meta(r["metric"])
+        row = table.setdefault(r["metric"], {"metric": f"{r['metric']} {meta['direction']}".rstrip(),
+                                             "unit": meta["unit"], "n": str(r["count"])})
+        row[r["phase"]] = cell
+    return format_table(list(table.values()), ["metric", "unit", *shown, "n"])
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], floatfmt: str = "{:.3f}") -> str:

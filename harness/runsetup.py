@@ -25,7 +25,7 @@ from harness.data.common import DataError
 from harness.editor import Editor
 from harness.modelcache import MODEL_CACHE, LoadedModel, ModelCache
 from harness.models import context_length
-from harness.probes import build_probes
+from harness.probes import probes_from_config
 from harness.results import ResumeError, read_json, write_json
 from harness.types import EditRequest
 
@@ -114,10 +114,7 @@ def setup_run(cfg: Config, out: Path, overrides: Sequence[str] = (), cache: Mode
     if cfg.retry_errors and not cfg.keep_original_weight:
         raise SetupError("retry_errors=true applies to single-edit runs; a sequential run cannot redo a step "
                          "in the middle of its sequence")
-    p = cfg.probes
-    probes = _checked("probes", lambda: build_probes(
-        metrics=p.metrics, batch_size=p.batch_size, fluency=p.fluency, fluency_max_new_tokens=p.fluency_max_new_tokens,
-        seed=p.seed, fluency_max_prompts=p.fluency_max_prompts))
+    probes = _checked("probes", lambda: probes_from_config(cfg.probes))
     requests = _checked("data", lambda: load_requests(cfg))
     out.mkdir(parents=True, exist_ok=True)
     record = run_record(cfg, out, overrides)
