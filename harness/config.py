@@ -10,6 +10,12 @@ registered algorithm ``register_configs`` stores an ``algorithm_schema/<name>`` 
 the algorithm's own ``Hparams`` dataclass, so ``conf/algorithm/<name>.yaml`` merges onto its schema.
 An algorithm whose Hparams OmegaConf cannot express (or a yaml without a registered algorithm) gets
 an untyped node; ``validate`` then checks its hyperparameters with ``make_hparams`` at startup.
+Blocks shared by several algorithms (``target``, ``stats``, ``templates``) are nested dataclasses,
+nested nodes here: ``algorithm.hparams.target.lr=0.1``; a typo inside a block fails the same way.
+
+One source of defaults: the ``Hparams`` dataclasses' defaults (SmolLM2-135M's tuned values, the
+default model's). ``conf/algorithm/<name>.yaml`` holds the name, the evidence behind the defaults
+and only values that differ from them (direct's example operation).
 
 This module imports Hydra only inside ``register_configs``; the dataclasses are plain.
 """
@@ -185,15 +191,31 @@ def check_known_keys(cfg: Any, path: str = "") -> None:
 
 
 def _hparams_node(cls: type) -> Any:
-    """A structured node for ``cls`` when OmegaConf can express it, else None."""
-    from omegaconf import OmegaConf
+    """A structured node for ``cls`` when OmegaConf can express it, else None.
+
+    Nested blocks that are frozen dataclasses (``TargetHparams`` and ``StatsConfig`` are: they key
+    caches) would be read-only nodes, so yaml files and overrides could not set their fields; the
+    node is made writable. ``OmegaConf.to_object`` still builds the frozen instances.
+    """
+    from omegaconf import DictConfig, ListConfig, OmegaConf
 
     try:
-        OmegaConf.structured(cls)
+        node = OmegaConf.structured(cls)
     except Exception as exc:  # an unsupported annotation: fall back to checking in code
         log.debug("hparams of %s are not expressible as a structured config: %s", cls, exc)
         return None
-    return cls
+
+    def writable(n: Any) -> None:
+        OmegaConf.set_readonly(n, False)
+        if n._is_none() or n._is_missing():
+            return
+        for key in (n.keys() if isinstance(n, DictConfig) else range(len(n))):
+            child = n._get_node(key)
+            if isinstance(child, (DictConfig, ListConfig)):
+                writable(child)
+
+    writable(node)
+    return node
 
 
 _REGISTERED = False
