@@ -15,7 +15,12 @@ nested nodes here: ``algorithm.hparams.target.lr=0.1``; a typo inside a block fa
 
 One source of defaults: the ``Hparams`` dataclasses' defaults (SmolLM2-135M's tuned values, the
 default model's). ``conf/algorithm/<name>.yaml`` holds the name, the evidence behind the defaults
-and only values that differ from them (direct's example operation).
+and only values that differ from them (direct's example operation). Per-model-family settings: a
+model file selects its family (``conf/family/<family>.yaml``, which sets ``model.family``), and the
+defaults list then merges ``conf/algorithm_family/<algorithm>/<family>.yaml`` (only what that family
+changes, citing the reference it comes from) after the algorithm's file and before the experiment
+and the command line, which still win. The entry sets ``algorithm.family``, so run.json records
+which one was used.
 
 This module imports Hydra only inside ``register_configs``; the dataclasses are plain.
 """
@@ -44,10 +49,14 @@ class ModelConfig:
         trust_remote_code: passed to transformers.
         spec: overrides of the architecture table (``ModelSpec`` fields).
         tiny: keyword arguments of ``tiny_model`` when ``source == "tiny"``.
+        family: the model family whose algorithm settings apply (``smollm2``, ``gpt2``, ``llama``;
+            None: the defaults). Set by the group ``family`` (a model file selects it; ``family=llama``
+            on the command line), never directly: the group also selects the settings.
     """
 
     source: str = MISSING
     name: Optional[str] = None
+    family: Optional[str] = None
     cache_dir: Optional[str] = None
     trust_remote_code: bool = False
     spec: Optional[Dict[str, Any]] = None
@@ -56,10 +65,19 @@ class ModelConfig:
 
 @dataclass
 class AlgorithmConfig:
-    """A registered algorithm and its hyperparameters (typed by ``algorithm_schema/<name>``)."""
+    """A registered algorithm and its hyperparameters (typed by ``algorithm_schema/<name>``).
+
+    Attributes:
+        name: the registered algorithm.
+        hparams: its ``Hparams`` (the dataclass defaults, then the yaml, the family entry, the
+            experiment and the command line, in that order).
+        family: the family whose entry ``conf/algorithm_family/<name>/<family>.yaml`` was merged into
+            ``hparams`` (None: no entry, the defaults).
+    """
 
     name: str = MISSING
     hparams: Any = None
+    family: Optional[str] = None
 
 
 @dataclass
@@ -154,6 +172,10 @@ class Config:
             raise ValueError(f"max_prompt_tokens must be >= 2 (or null), got {self.max_prompt_tokens}")
         if any(n < 1 for n in self.eval.retention_at):
             raise ValueError(f"eval.retention_at must hold positive edit counts, got {self.eval.retention_at}")
+        if self.algorithm.family is not None and self.algorithm.family != self.model.family:
+            raise ValueError(f"model.family={self.model.family!r} but the {self.algorithm.family!r} settings of "
+                             f"{self.algorithm.name!r} were merged: choose a family with the group "
+                             f"(family={self.model.family}), not with model.family")
 
 
 class ConfigError(ValueError):

@@ -128,7 +128,7 @@ def test_launchers_compose(launcher: str, target: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# hyperparameters: nested blocks, one source of defaults
+# hyperparameters: nested blocks, one source of defaults, per-family settings
 
 TARGET = dict(num_grad_steps=25, lr=0.5, weight_decay=1e-3, clamp_norm_factor=4.0, kl_factor=0.0625, loss_layer=None,
               early_stop_loss=0.05)
@@ -165,7 +165,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 @pytest.mark.parametrize("name", sorted(SMOLLM2_BEFORE))
 def test_smollm2_hparams_resolve_to_the_values_before_nesting(name: str) -> None:
-    _, got = _hparams([f"algorithm={name}"])
+    cfg, got = _hparams([f"algorithm={name}"])
+    assert (cfg.model.family, cfg.algorithm.family) == ("smollm2", None if name == "lora" else "smollm2")
     want = _flat(SMOLLM2_BEFORE[name])
     got = _flat(got)
     assert sorted(got) == sorted(want)
@@ -174,9 +175,10 @@ def test_smollm2_hparams_resolve_to_the_values_before_nesting(name: str) -> None
 
 
 def test_dataclass_defaults_are_the_defaults() -> None:
-    """With nothing but its yaml (the tiny model), an algorithm resolves to its dataclass's defaults."""
+    """Without a family (the tiny model), an algorithm resolves to its dataclass's defaults."""
     for name in ("rome", "memit", "alphaedit", "ft", "ft_m", "lora"):
-        _, got = _hparams(["model=tiny", f"algorithm={name}"])
+        cfg, got = _hparams(["model=tiny", f"algorithm={name}"])
+        assert cfg.model.family is None and cfg.algorithm.family is None
         assert got == dataclasses.asdict(get_algorithm(name).Hparams()), name
 
 
@@ -192,16 +194,77 @@ def _restated(values: dict, default: dict, prefix: str = "") -> list[str]:
 
 
 def test_yaml_restates_no_default() -> None:
-    """conf/algorithm/*.yaml set only what differs from the defaults."""
+    """conf/algorithm/*.yaml and conf/algorithm_family/*/*.yaml set only what differs from the defaults."""
     from omegaconf import OmegaConf
 
-    files = list((CONF_DIR / "algorithm").glob("*.yaml"))
+    files = [*(CONF_DIR / "algorithm").glob("*.yaml"), *(CONF_DIR / "algorithm_family").glob("*/*.yaml")]
+    assert len(files) > len(ALGORITHM_FILES)
     for path in files:
         conf = OmegaConf.to_container(OmegaConf.load(path))
         name = conf.get("name", path.parent.name)
         defaults = dataclasses.asdict(get_algorithm(name).Hparams())
         restated = _restated(conf.get("hparams") or {}, defaults)
         assert not restated, f"{path.relative_to(CONF_DIR)} restates the default of {restated}"
+
+
+FAMILY_FILES = sorted((p.parent.name, p.stem) for p in (CONF_DIR / "algorithm_family").glob("*/*.yaml"))
+
+
+@pytest.mark.parametrize("name,family", FAMILY_FILES)
+def test_every_family_entry_composes_and_is_recorded(name: str, family: str) -> None:
+    cfg, _ = _hparams([f"algorithm={name}", f"family={family}"])
+    assert (cfg.model.family, cfg.algorithm.family) == (family, family)
+
+
+# The anchors' values (the files cited in each conf/algorithm_family entry).
+ANCHORS = {
+    ("gpt2_local", "rome"): {"layer": 17, "mom2_adjustment": True, "target.num_grad_steps": 20, "target.lr": 0.5,
+                             "target.weight_decay": 0.5, "target.clamp_norm_factor": 4.0, "target.kl_factor": 0.0625,
+                             "templates.length_params": [[5, 10], [10, 10]]},
+    ("llama_local", "rome"): {"layer": 5, "mom2_adjustment": False, "target.num_grad_steps": 25, "target.lr": 0.5,
+                              "target.weight_decay": 1e-3, "target.clamp_norm_factor": 4.0, "target.kl_factor": 0.0625,
+                              "templates.length_params": [[5, 10], [10, 10]]},
+    ("gpt2_local", "memit"): {"layers": [13, 14, 15, 16, 17], "mom2_update_weight": 20000.0,
+                              "target.num_grad_steps": 20, "target.lr": 0.5, "target.weight_decay": 0.5,
+                              "target.clamp_norm_factor": 0.75, "target.kl_factor": 0.0625},
+    ("llama_local", "memit"): {"layers": [4, 5, 6, 7, 8], "mom2_update_weight": 15000.0, "target.num_grad_steps": 25,
+                               "target.lr": 0.1, "target.weight_decay": 0.5, "target.clamp_norm_factor": 0.75,
+                               "target.kl_factor": 0.0625},
+    ("gpt2_local", "alphaedit"): {"layers": [13, 14, 15, 16, 17], "target.num_grad_steps": 20, "target.lr": 0.5,
+                                  "target.weight_decay": 0.5, "target.clamp_norm_factor": 0.75,
+                                  "nullspace_threshold": 0.02, "l2": 10.0},
+    ("llama_local", "alphaedit"): {"layers": [4, 5, 6, 7, 8], "target.num_grad_steps": 25, "target.lr": 0.1,
+                                   "target.weight_decay": 0.5, "target.clamp_norm_factor": 0.75,
+                                   "nullspace_threshold": 0.02, "l2": 10.0},
+    ("gpt2_local", "ft"): {"layers": [0], "num_steps": 25, "batch_size": 3, "lr": 5e-4, "weight_decay": 0.0,
+                           "norm_constraint": 5e-4, "include_bias": True},
+    ("llama_local", "ft"): {"layers": [21], "num_steps": 25, "batch_size": 1, "lr": 5e-4, "weight_decay": 0.0,
+                            "norm_constraint": None, "include_bias": False},
+}
+ANCHORS[("gpt2_local", "ft_m")] = ANCHORS[("gpt2_local", "ft")]
+ANCHORS[("llama_local", "ft_m")] = ANCHORS[("llama_local", "ft")]
+
+
+@pytest.mark.parametrize("model,name", sorted(ANCHORS))
+def test_model_config_selects_the_family_settings(model: str, name: str) -> None:
+    cfg, got = _hparams([f"model={model}", "model.source=/models/x", f"algorithm={name}"])
+    assert cfg.algorithm.family == cfg.model.family == {"gpt2_local": "gpt2", "llama_local": "llama"}[model]
+    got = _flat(got)
+    assert {k: got[k] for k in ANCHORS[(model, name)]} == ANCHORS[(model, name)]
+
+
+def test_command_line_wins_over_the_family_entry() -> None:
+    _, got = _hparams(["model=gpt2_local", "model.source=/models/x", "algorithm=memit",
+                       "algorithm.hparams.layers=[1,2]", "algorithm.hparams.target.num_grad_steps=3",
+                       "algorithm.hparams.stats.n_samples=8"])
+    assert got["layers"] == [1, 2] and got["target"]["num_grad_steps"] == 3 and got["stats"]["n_samples"] == 8
+    assert got["target"]["weight_decay"] == 0.5 and got["mom2_update_weight"] == 20000.0  # the rest of the entry
+
+
+def test_family_is_chosen_by_the_group_not_by_model_family() -> None:
+    assert _compose(["algorithm=rome", "family=llama"]).model.family == "llama"
+    with pytest.raises(ValueError, match=r"family=gpt2"):
+        _compose(["algorithm=rome", "model.family=gpt2"])
 
 
 @pytest.mark.parametrize("override", ["algorithm.hparams.target.lrr=0.1", "algorithm.hparams.stats.n_sample=1",
