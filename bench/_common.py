@@ -1,7 +1,6 @@
 """What the SmolLM2 benchmark scripts share: the model, CounterFact requests, configured algorithms."""
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, Optional
@@ -45,9 +44,10 @@ def smollm2_and_requests(n: int, data: Optional[str] = None, threads: int = 0) -
 
 
 def configured(name: str, **changes: Any):
-    """Algorithm ``name`` with the hyperparameters of conf/algorithm/<name>.yaml, ``changes`` applied.
+    """Algorithm ``name`` with the hyperparameters the runs compose for the default model (SmolLM2),
+    ``changes`` applied (blocks as mappings: ``target={"num_grad_steps": 4}`` changes that key only).
 
     Using the shipped config keeps the statistics cache key (C, P) the same as the runs'.
     """
     hp = validate(to_config(compose_config([f"algorithm={name}"])))
-    return get_algorithm(name)(dataclasses.replace(hp, **changes))
+    return get_algorithm(name)(hp, **changes)

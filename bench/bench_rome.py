@@ -51,7 +51,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     model, tok = load_model("smollm2", device="cpu", dtype="float32")
-    algo = Rome(layer=5, v_num_grad_steps=25, context_template_length_params=[[5, 10], [10, 10]],
+    algo = Rome(layer=5, target={"num_grad_steps": 25}, templates={"length_params": [[5, 10], [10, 10]]},
                 mom2_adjustment=False, fast_path=not args.full)
     editor = Editor(model, tok, algo, probes=None)
     records = load_records(args.edits + 1)

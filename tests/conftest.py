@@ -54,22 +54,25 @@ def tiny_hparams(name: str, tmp_path: Path) -> dict | None:
     algorithm). The key statistics come from a small corpus file under ``tmp_path``."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(_TINY_CORPUS * 6)
-    located = dict(v_num_grad_steps=3, stats_dir=str(tmp_path / "stats"), mom2_source=str(corpus),
-                   mom2_n_samples=16, mom2_seq_len=32, mom2_batch_size=8)
+    located = dict(target={"num_grad_steps": 3},
+                   stats={"cache_dir": str(tmp_path / "stats"), "source": str(corpus), "n_samples": 16,
+                          "seq_len": 32, "batch_size": 8})
+    spread = dict(layers=[0, 1], templates={"length_params": [[3, 2]]}, **located)
     return {
         "none": {},
         "direct": {},  # the default op: a seeded low-rank delta on layer 0's down_proj
         "ft": {"layers": [1], "num_steps": 3, "lr": 1e-2},
         "ft_m": {"layers": [1], "num_steps": 3, "lr": 1e-2},
         "lora": {"num_steps": 3, "lr": 1e-2, "rank": 2},
-        "rome": {"layer": 1, "context_template_length_params": [[3, 2]], **located},
-        "memit": {"layers": [0, 1], "context_template_length": 3, "context_template_count": 2, **located},
-        "alphaedit": {"layers": [0, 1], "context_template_length": 3, "context_template_count": 2, **located},
+        "rome": {"layer": 1, "templates": {"length_params": [[3, 2]]}, **located},
+        "memit": spread,
+        "alphaedit": spread,
     }.get(name)
 
 
 def as_overrides(hparams: dict, prefix: str = "algorithm.hparams") -> list[str]:
-    """Hydra override strings for a hyperparameter dict (strings quoted, lists as lists)."""
+    """Hydra override strings for a hyperparameter dict (strings quoted, lists as lists, nested
+    blocks as dotted keys: ``{"target": {"lr": 0.1}}`` -> ``algorithm.hparams.target.lr=0.1``)."""
     def value(v):
         if isinstance(v, str):
             return '"' + v.replace('"', '\\"') + '"'
@@ -77,4 +80,10 @@ def as_overrides(hparams: dict, prefix: str = "algorithm.hparams") -> list[str]:
             return "[" + ",".join(value(x) for x in v) + "]"
         return str(v).lower() if isinstance(v, bool) else str(v)
 
-    return [f"{prefix}.{k}={value(v)}" for k, v in hparams.items()]
+    out = []
+    for k, v in hparams.items():
+        if isinstance(v, dict):
+            out += as_overrides(v, f"{prefix}.{k}")
+        else:
+            out.append(f"{prefix}.{k}={value(v)}")
+    return out

@@ -4,8 +4,8 @@ Meng et al. 2022 ("Locating and Editing Factual Associations in GPT", ROME), Men
 ("Mass-Editing Memory in a Transformer", MEMIT), Gupta et al. 2024 ("Rebuilding ROME").
 
 * ``subject_last_index``: the token index of the subject's last piece (cumulative encodings).
-* ``generate_context_templates`` / ``TemplateCache``: random prefixes ``"<text>. {}"`` sampled
-  (top-k 5, fixed seed) from the unedited model.
+* ``generate_context_templates`` / ``TemplateCache`` (settings: ``TemplateHparams``): random
+  prefixes ``"<text>. {}"`` sampled (top-k 5, fixed seed) from the unedited model.
 * ``compute_keys``: the input of the MLP output projection ("key") at the subject's last token,
   averaged over templates (flat list, or groups averaged within then across).
 * ``optimize_target`` (+ ``TargetHparams``, ``TargetResult``): defined in ``target.py``, reachable
@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -177,6 +178,30 @@ def _model_signature(model: nn.Module) -> tuple:
     cfg = getattr(model, "config", None)
     return (type(model).__name__, getattr(cfg, "name_or_path", None), getattr(cfg, "vocab_size", None),
             num_layers(model), getattr(cfg, "hidden_size", getattr(cfg, "n_embd", None)))
+
+
+def _rome_length_params() -> list[list[int]]:
+    return [[5, 10], [10, 10]]
+
+
+@dataclass
+class TemplateHparams:
+    """Which context templates an algorithm samples (``generate_context_templates``).
+
+    Attributes:
+        length_params: ``[[length, count], ...]``: per pair, ``count`` texts of ``length`` tokens;
+            the default ``[[5, 10], [10, 10]]`` (ROME's) gives 1 + 10 + 10 = 21 templates.
+        seed: seed of the sampling.
+    """
+
+    length_params: list[list[int]] = field(default_factory=_rome_length_params)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.length_params = [[int(x) for x in p] for p in self.length_params]
+        if any(len(p) != 2 or p[0] < 1 or p[1] < 0 for p in self.length_params):
+            raise ValueError("templates.length_params must be [[length >= 1, count >= 0], ...], "
+                             f"got {self.length_params}")
 
 
 class TemplateCache:
