@@ -13,6 +13,16 @@ from harness.models import _TINY_CORPUS, load_model
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread per test: tiny models gain nothing from threads, and OpenMP threads on a shared
+    2-core machine slow each other down (tests that start processes set OMP_NUM_THREADS=1 there)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The development data directory beside the repository (``../shared/data``); skips when absent."""
