@@ -1,8 +1,8 @@
 """What the SmolLM2 benchmark scripts share: the model, CounterFact requests, configured algorithms."""
 from __future__ import annotations
 
-import dataclasses
 import logging
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -13,6 +13,22 @@ from harness.config import validate
 from harness.data import load_requests
 from harness.models import load_model
 from harness.types import EditRequest
+
+# The development data (full CounterFact and zsRE files): ``../shared/data`` beside the repository.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def shared_file(name: str) -> Path:
+    """A file of the development data beside the repository (``../shared/data/<name>``).
+
+    Raises:
+        SystemExit: the file is not there (the message names the path and says how to give another).
+    """
+    path = SHARED_DATA / name
+    if not path.is_file():
+        raise SystemExit(f"development data not found: {path} (../shared/data beside the repository); "
+                         "give a data file with --data")
+    return path
 
 
 def smollm2_and_requests(n: int, data: Optional[str] = None, threads: int = 0) -> tuple[Any, Any, list[EditRequest]]:
@@ -28,9 +44,10 @@ def smollm2_and_requests(n: int, data: Optional[str] = None, threads: int = 0) -
 
 
 def configured(name: str, **changes: Any):
-    """Algorithm ``name`` with the hyperparameters of conf/algorithm/<name>.yaml, ``changes`` applied.
+    """Algorithm ``name`` with the hyperparameters the runs compose for the default model (SmolLM2),
+    ``changes`` applied (blocks as mappings: ``target={"num_grad_steps": 4}`` changes that key only).
 
     Using the shipped config keeps the statistics cache key (C, P) the same as the runs'.
     """
     hp = validate(to_config(compose_config([f"algorithm={name}"])))
-    return get_algorithm(name)(dataclasses.replace(hp, **changes))
+    return get_algorithm(name)(hp, **changes)

@@ -142,10 +142,12 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("harness").setLevel(logging.WARNING)
     req = list(load_requests("counterfact", limit=args.case + 1).requests)[args.case]
-    changes: dict[str, Any] = dict(v_num_grad_steps=4, context_template_length_params=[[5, 2]]) if args.fast else {}
+    changes: dict[str, Any] = {}
+    if args.fast:
+        changes = dict(target={"num_grad_steps": 4}, templates={"length_params": [[5, 2]]})
     if args.model == "tiny":
-        changes = dict(dict(layer=1, v_num_grad_steps=25, context_template_length_params=[[5, 10], [10, 10]]),
-                       **changes)
+        changes = {**dict(layer=1, target={"num_grad_steps": 25}, templates={"length_params": [[5, 10], [10, 10]]}),
+                   **changes}
 
     def make_algo() -> Rome:
         if args.model == "tiny":

@@ -15,16 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
+from _common import SHARED_DATA
 
 from harness.models import load_model
 from harness.probes import build_probes, score_pairs
 from harness.probes import counterfact, easyedit
 from harness.types import QA, EditRequest
 
-FALLBACK = Path("/work/shared/data/counterfact-train.json")  # development copy, used only without harness.data
+FALLBACK = SHARED_DATA / "counterfact-train.json"  # development copy, used only without harness.data
 
 
 def _requests(n: int) -> tuple[list[EditRequest], str]:

@@ -1,6 +1,6 @@
 """Seconds per ROME edit on SmolLM2-135M (CPU), the share spent in the v* loop, and the restore cost.
 
-Setting of the reference point in /work/shared/NOTES.md (about 38.6 s per edit for the field's
+Setting of the reference point in ``../shared/NOTES.md`` beside the repository (about 38.6 s per edit for the field's
 best-known tool on this machine): layer 5, 25 optimisation steps, 21 context templates
 ([[5, 10], [10, 10]]), no covariance adjustment. Edits go through ``harness.editor.Editor`` without
 probes, so each edit is snapshot -> apply -> restore (verified).
@@ -13,16 +13,16 @@ import argparse
 import json
 import logging
 import statistics
-from pathlib import Path
 
 import torch
+from _common import SHARED_DATA
 
 from harness.algorithms.rome import Rome
 from harness.editor import Editor
 from harness.models import load_model
 from harness.types import EditRequest
 
-COUNTERFACT = Path("/work/shared/data/counterfact-train.json")  # dev fallback only
+COUNTERFACT = SHARED_DATA / "counterfact-train.json"  # dev fallback only
 
 
 def load_records(n: int) -> list[EditRequest]:
@@ -51,7 +51,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     model, tok = load_model("smollm2", device="cpu", dtype="float32")
-    algo = Rome(layer=5, v_num_grad_steps=25, context_template_length_params=[[5, 10], [10, 10]],
+    algo = Rome(layer=5, target={"num_grad_steps": 25}, templates={"length_params": [[5, 10], [10, 10]]},
                 mom2_adjustment=False, fast_path=not args.full)
     editor = Editor(model, tok, algo, probes=None)
     records = load_records(args.edits + 1)

@@ -17,22 +17,31 @@ import time
 from pathlib import Path
 
 from harness.cli import compose_config, to_config
+from harness.cases import CaseLog
+from harness.premeasure import PreMeasurements
 from harness.results import as_float, read_rows
-from harness.runner import ModelCache, Run
+from harness.runner import ModelCache, finish
+from harness.runsetup import setup_run
+from harness.single import run_single
 
 
 def bench(algorithm: str, cases: int, threads: int, out: Path, cache: ModelCache) -> dict[str, float]:
     overrides = ["experiment=smoke", f"algorithm={algorithm}", f"data.limit={cases}", f"threads={threads}"]
     cfg = to_config(compose_config(overrides))
     t0 = time.perf_counter()
-    run = Run(cfg, out, overrides, cache=cache, progress=False)
+    run = setup_run(cfg, out, overrides, cache=cache)
+    cases, pre = CaseLog(run), PreMeasurements(run)
     setup = time.perf_counter() - t0
     t0 = time.perf_counter()
-    result = run.execute()
+    run_single(run, cases, pre, progress=False)
+    result = finish(cases, out)
     wall = time.perf_counter() - t0
     rows = [r for r in read_rows(out / "cases.csv") if r["point"] == "edit"]
     n = len(rows)
-    part = {k: sum(as_float(r[f"{k}_s"]) for r in rows) / n for k in ("pre", "edit", "probe", "restore", "verify")}
+    # time_pre_s is the seconds of a call that measured pre_batch_size cases (0 when reused)
+    pre_ms = sum(as_float(r["time_pre_s"]) / max(as_float(r["pre_batch_size"]), 1) for r in rows) / n
+    part = {k: sum(as_float(r[f"time_{k}_s"]) for r in rows) / n for k in ("edit", "probe", "restore", "verify")}
+    part = {"pre": pre_ms, **part}
     return {"cases": n, "errors": result.n_errors, "setup_s": setup, "wall_ms": 1e3 * wall / n,
             **{f"{k}_ms": 1e3 * v for k, v in part.items()}, "overhead_ms": 1e3 * (wall / n - sum(part.values()))}
 

@@ -1,11 +1,11 @@
 """Choose MEMIT's λ (mom2_update_weight) on held-out records: one batch edit per λ, z computed once.
 
-MEMIT's targets z depend only on the unedited model (ALGORITHMS.md §2 step 1), so they are optimised
+MEMIT's targets z depend only on the unedited model (docs/algorithms/memit.md), so they are optimised
 once and reused for every λ; each λ then costs only the layer spread and the probes. Records come
 from a file other than the shipped sample (default: CounterFact val, offset 0), so nothing is tuned
 on the sample the results are reported on.
 
-Usage: python bench/tune_memit.py [--data /work/shared/data/counterfact-val.json] [--n 50]
+Usage: python bench/tune_memit.py [--data ../shared/data/counterfact-val.json] [--n 50]
                                   [--lambdas 15000,5000,2000,1000,500] [--threads 1]
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import argparse
 import dataclasses
 import time
 
-from _common import configured, smollm2_and_requests
+from _common import configured, shared_file, smollm2_and_requests
 
 from harness.editor import Editor
 from harness.probes import build_probes, summarize
@@ -22,13 +22,14 @@ from harness.probes import build_probes, summarize
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default="/work/shared/data/counterfact-val.json")
+    ap.add_argument("--data", default=None, help="default: ../shared/data/counterfact-val.json beside the repository")
     ap.add_argument("--n", type=int, default=50)
     ap.add_argument("--lambdas", default="15000,5000,2000,1000,500")
     ap.add_argument("--layers", default="3,4,5,6,7")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
-    model, tok, reqs = smollm2_and_requests(args.n, args.data, args.threads)
+    data = args.data or str(shared_file("counterfact-val.json"))
+    model, tok, reqs = smollm2_and_requests(args.n, data, args.threads)
     layers = [int(x) for x in args.layers.split(",")]
     algo = configured("memit", layers=layers)  # conf/algorithm/memit.yaml, so the cached C is the run's
     probes = build_probes()

@@ -15,13 +15,13 @@ import sys as _sys
 if "torch" not in _sys.modules:  # too late once torch is loaded: the runtime read the environment then
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from harness.algorithms import EditAlgorithm, available, create as create_algorithm, get_algorithm, register
-from harness.editor import EditOutcome, Editor, RestoreError, apply_delta
+from harness.editor import CheckpointError, EditOutcome, Editor, RestoreError, apply_delta
 from harness.models import load_model, model_spec
 from harness.snapshot import SnapshotError, WeightsCopy, fingerprint
 from harness.types import QA, EditReport, EditRequest
 
 __all__ = [
-    "QA", "EditAlgorithm", "EditOutcome", "EditReport", "EditRequest", "Editor", "RestoreError", "SnapshotError",
+    "QA", "CheckpointError", "EditAlgorithm", "EditOutcome", "EditReport", "EditRequest", "Editor", "RestoreError", "SnapshotError",
     "WeightsCopy", "apply_delta", "available", "create_algorithm", "fingerprint", "get_algorithm", "load_model",
     "model_spec", "register",
 ]

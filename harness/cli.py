@@ -26,14 +26,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from harness.config import CONF_DIR, Config, ConfigError, check_known_keys, register_configs
-from harness.results import format_table
+from harness.results import summary_table
 
 log = logging.getLogger("harness")
 
 register_configs()  # before Hydra composes anything (also in joblib/submitit worker processes)
-
-MAIN_PHASES = ("pre", "post", "final")
-
 
 def to_config(cfg: DictConfig) -> Config:
     """The typed ``Config`` of a composed config.
@@ -52,18 +49,6 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="harness"):
         return compose("config", overrides=list(overrides))
-
-
-def summary_table(summary: Sequence[dict]) -> str:
-    """Metrics as rows, the phases present (pre, post, final) as ``mean ± sem`` columns."""
-    phases = [p for p in MAIN_PHASES if any(r["phase"] == p for r in summary)]
-    table: dict[str, dict[str, str]] = {}
-    for r in summary:
-        if r["phase"] in phases:
-            sem = r["sem"]
-            cell = f"{r['mean']:.3f}" + (f" ± {sem:.3f}" if isinstance(sem, float) and not math.isnan(sem) else "")
-            table.setdefault(r["metric"], {"metric": r["metric"], "n": str(r["count"])})[r["phase"]] = cell
-    return format_table(list(table.values()), ["metric", *phases, "n"])
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

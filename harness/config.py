@@ -10,6 +10,17 @@ registered algorithm ``register_configs`` stores an ``algorithm_schema/<name>`` 
 the algorithm's own ``Hparams`` dataclass, so ``conf/algorithm/<name>.yaml`` merges onto its schema.
 An algorithm whose Hparams OmegaConf cannot express (or a yaml without a registered algorithm) gets
 an untyped node; ``validate`` then checks its hyperparameters with ``make_hparams`` at startup.
+Blocks shared by several algorithms (``target``, ``stats``, ``templates``) are nested dataclasses,
+nested nodes here: ``algorithm.hparams.target.lr=0.1``; a typo inside a block fails the same way.
+
+One source of defaults: the ``Hparams`` dataclasses' defaults (SmolLM2-135M's tuned values, the
+default model's). ``conf/algorithm/<name>.yaml`` holds the name, the evidence behind the defaults
+and only values that differ from them (direct's example operation). Per-model-family settings: a
+model file selects its family (``conf/family/<family>.yaml``, which sets ``model.family``), and the
+defaults list then merges ``conf/algorithm_family/<algorithm>/<family>.yaml`` (only what that family
+changes, citing the reference it comes from) after the algorithm's file and before the experiment
+and the command line, which still win. The entry sets ``algorithm.family``, so run.json records
+which one was used.
 
 This module imports Hydra only inside ``register_configs``; the dataclasses are plain.
 """
@@ -24,7 +35,7 @@ from typing import Any, Dict, List, Optional
 log = logging.getLogger(__name__)
 
 MISSING = "???"
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # shipped inside the package; ./conf links here
 
 
 @dataclass
@@ -38,10 +49,14 @@ class ModelConfig:
         trust_remote_code: passed to transformers.
         spec: overrides of the architecture table (``ModelSpec`` fields).
         tiny: keyword arguments of ``tiny_model`` when ``source == "tiny"``.
+        family: the model family whose algorithm settings apply (``smollm2``, ``gpt2``, ``llama``;
+            None: the defaults). Set by the group ``family`` (a model file selects it; ``family=llama``
+            on the command line), never directly: the group also selects the settings.
     """
 
     source: str = MISSING
     name: Optional[str] = None
+    family: Optional[str] = None
     cache_dir: Optional[str] = None
     trust_remote_code: bool = False
     spec: Optional[Dict[str, Any]] = None
@@ -50,10 +65,19 @@ class ModelConfig:
 
 @dataclass
 class AlgorithmConfig:
-    """A registered algorithm and its hyperparameters (typed by ``algorithm_schema/<name>``)."""
+    """A registered algorithm and its hyperparameters (typed by ``algorithm_schema/<name>``).
+
+    Attributes:
+        name: the registered algorithm.
+        hparams: its ``Hparams`` (the dataclass defaults, then the yaml, the family entry, the
+            experiment and the command line, in that order).
+        family: the family whose entry ``conf/algorithm_family/<name>/<family>.yaml`` was merged into
+            ``hparams`` (None: no entry, the defaults).
+    """
 
     name: str = MISSING
     hparams: Any = None
+    family: Optional[str] = None
 
 
 @dataclass
@@ -77,7 +101,19 @@ class DataConfig:
 
 @dataclass
 class ProbesConfig:
-    """The probe suite (``harness.probes.build_probes``); metrics None means all but fluency."""
+    """The probe suite (``harness.probes.build_probes``, which takes these keys as they are).
+
+    Attributes:
+        metrics: what to measure: registered probe family names (all their metrics; the name of a
+            family is its section in ``conf/probes/*.yaml``) and/or single metric names, e.g.
+            ``[counterfact, easyedit]`` or ``[efficacy_score, score, rewrite_acc]``. None: the
+            families registered as default (``counterfact`` and ``easyedit``).
+        batch_size: rows per scorer forward pass (and prompts per generation batch).
+        fluency: add the ``fluency`` family (same as naming it in ``metrics``).
+        fluency_max_new_tokens, fluency_max_prompts: the ``fluency`` family's settings
+            (``<family>_<setting>``; see ``harness.probes.fluency.FluencySettings``).
+        seed: the sampling seed of generating families.
+    """
 
     metrics: Optional[List[str]] = None
     batch_size: int = 32
@@ -148,6 +184,10 @@ class Config:
             raise ValueError(f"max_prompt_tokens must be >= 2 (or null), got {self.max_prompt_tokens}")
         if any(n < 1 for n in self.eval.retention_at):
             raise ValueError(f"eval.retention_at must hold positive edit counts, got {self.eval.retention_at}")
+        if self.algorithm.family is not None and self.algorithm.family != self.model.family:
+            raise ValueError(f"model.family={self.model.family!r} but the {self.algorithm.family!r} settings of "
+                             f"{self.algorithm.name!r} were merged: choose a family with the group "
+                             f"(family={self.model.family}), not with model.family")
 
 
 class ConfigError(ValueError):
@@ -185,15 +225,31 @@ def check_known_keys(cfg: Any, path: str = "") -> None:
 
 
 def _hparams_node(cls: type) -> Any:
-    """A structured node for ``cls`` when OmegaConf can express it, else None."""
-    from omegaconf import OmegaConf
+    """A structured node for ``cls`` when OmegaConf can express it, else None.
+
+    Nested blocks that are frozen dataclasses (``TargetHparams`` and ``StatsConfig`` are: they key
+    caches) would be read-only nodes, so yaml files and overrides could not set their fields; the
+    node is made writable. ``OmegaConf.to_object`` still builds the frozen instances.
+    """
+    from omegaconf import DictConfig, ListConfig, OmegaConf
 
     try:
-        OmegaConf.structured(cls)
+        node = OmegaConf.structured(cls)
     except Exception as exc:  # an unsupported annotation: fall back to checking in code
         log.debug("hparams of %s are not expressible as a structured config: %s", cls, exc)
         return None
-    return cls
+
+    def writable(n: Any) -> None:
+        OmegaConf.set_readonly(n, False)
+        if n._is_none() or n._is_missing():
+            return
+        for key in (n.keys() if isinstance(n, DictConfig) else range(len(n))):
+            child = n._get_node(key)
+            if isinstance(child, (DictConfig, ListConfig)):
+                writable(child)
+
+    writable(node)
+    return node
 
 
 _REGISTERED = False

@@ -3,13 +3,19 @@
 Single-edit mode (``keep_original_weight=True``): before each edit the Editor clones exactly the
 parameters the algorithm declares (``weights_copy``) and the algorithm's state; after the probes it
 restores both in a ``finally`` block, so an exception or Ctrl-C anywhere leaves the model as it was,
-and verifies the restore: every target equals its snapshot bit for bit, and no undeclared parameter
-changed (whole-model fingerprint). Violations raise ``RestoreError`` naming the parameters.
+and verifies the restore: every target equals its snapshot bit for bit, and nothing else about the
+model changed (``harness.signature.StateSignature``: every parameter and buffer, the module tree,
+hooks, training and ``requires_grad`` flags, gradients). Violations raise ``RestoreError`` saying
+what differs.
 
 Sequential mode (``keep_original_weight=False``): edits accumulate. A step that raises is rolled
 back to the state before that step. The Editor keeps the original value of every parameter touched
 so far, so ``restore()`` returns to the base model at any time, ``save_delta`` writes the edited
 tensors, and ``save_checkpoint``/``load_checkpoint`` let a sequential run resume bit for bit.
+
+Files are checked (``harness.safefiles``): every tensor carries a sha256, a delta the fingerprint of
+each base value it replaces. ``load_checkpoint`` validates every file of a checkpoint before it
+touches the model or the algorithm, and raises ``CheckpointError`` naming the file otherwise.
 """
 from __future__ import annotations
 
@@ -21,21 +27,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from harness.algorithms.base import AlgorithmError, EditAlgorithm
+from harness.fingerprints import fingerprint_hex
 from harness.models import num_layers
 from harness.probes.base import Measurement, ProbeSuite
-from harness.snapshot import SnapshotError, WeightsCopy, fingerprint, tensor_fingerprint
+from harness.safefiles import (DELTA_FORMAT, STATE_FORMAT, CheckedFile, apply_delta, read_checked, read_delta,
+                               write_checked, write_delta)
+from harness.signature import StateSignature
+from harness.snapshot import SnapshotError, WeightsCopy
 from harness.types import EditReport, EditRequest
 
 log = logging.getLogger(__name__)
 
+__all__ = ["CheckpointError", "EditOutcome", "Editor", "RestoreError", "apply_delta"]
+
+CHECKPOINT_FORMAT = "harness-checkpoint-v2"
+_DELTA, _STATE, _MANIFEST = "delta.safetensors", "algorithm_state.safetensors", "editor.json"
+
 
 class RestoreError(SnapshotError):
-    """The model is not what it should be after a restore, or an algorithm wrote an undeclared parameter."""
+    """The model is not what it should be after a restore, or an edit changed something undeclared."""
+
+
+class CheckpointError(SnapshotError):
+    """A checkpoint cannot be loaded (names the file); the model and the algorithm were left as they were."""
 
 
 @dataclass
@@ -48,7 +65,7 @@ class EditOutcome:
         report: the algorithm's report.
         pre, post: probe measurements before and after the edit (None without probes).
         timings: seconds for ``pre``, ``edit``, ``probe``, ``restore`` (copy back and bit-compare the
-            targets) and ``verify`` (fingerprint of every other parameter).
+            targets) and ``verify`` (the whole-model ``StateSignature`` and its comparison).
         snapshot_bytes: size of the snapshot taken for this edit.
     """
 
@@ -74,7 +91,8 @@ class Editor:
         probes: a probe suite (``measure``), or None to skip evaluation.
         keep_original_weight: True restores after every edit; False lets edits accumulate.
         offload_snapshot: keep snapshots on the CPU instead of the parameters' device.
-        verify_untouched: fingerprint every parameter after each edit to prove nothing undeclared changed.
+        verify_untouched: record the model's whole state (``StateSignature``) after each edit to prove
+            nothing undeclared changed.
     """
 
     def __init__(self, model: nn.Module, tok, algorithm: EditAlgorithm, probes: ProbeSuite | None = None,
@@ -90,7 +108,7 @@ class Editor:
         self.weights_copy: WeightsCopy | None = None  # snapshot of the latest edit
         self.originals = WeightsCopy()  # base values of every parameter touched so far (sequential)
         self.n_edits = 0  # requests applied and kept (sequential mode)
-        self._expected = fingerprint(model) if verify_untouched else {}
+        self._expected = StateSignature.take(model) if verify_untouched else StateSignature()
         self._base_state = _clone_state(algorithm.state_dict())
         self.prepared = False  # algorithm.prepare has run on the base model
         self.prepare_seconds = 0.0
@@ -152,7 +170,8 @@ class Editor:
 
         Raises:
             Whatever the algorithm or a probe raised, after the model was restored;
-            ``RestoreError`` when the restore does not verify or an undeclared parameter changed.
+            ``RestoreError`` when the restore does not verify or anything outside the declared
+            targets' values changed (parameters, buffers, hooks, flags, the module tree).
         """
         batch = (requests,) if isinstance(requests, EditRequest) else tuple(requests)
         probing = evaluate and self.probes is not None
@@ -187,8 +206,6 @@ class Editor:
             timings["restore"] = time.perf_counter() - t
             t = time.perf_counter()
             self._check_untouched(exclude=set() if rolling_back else targets)
-            if not rolling_back and self.verify_untouched:
-                self._expected.update(fingerprint(self.model, targets))
             timings["verify"] = time.perf_counter() - t
         if not self.keep_original_weight:
             self.n_edits += len(batch)
@@ -208,13 +225,15 @@ class Editor:
                 self.originals.tensors[name] = self.weights_copy.tensors[name]
 
     def _check_untouched(self, exclude: set[str]) -> None:
+        """Compare the model with the expected signature, ignoring the values of ``exclude``; adopt it if equal."""
         if not self.verify_untouched:
             return
-        params = dict(self.model.named_parameters())
-        changed = [n for n, fp in self._expected.items() if n not in exclude and tensor_fingerprint(params[n]) != fp]
-        if changed:
-            raise RestoreError(
-                f"{self.algorithm.name}: parameter(s) changed that were not declared as targets: {sorted(changed)}")
+        now = StateSignature.take(self.model)
+        diffs = self._expected.differences(now, ignore_values=exclude)
+        if diffs:
+            raise RestoreError(f"{self.algorithm.name}: the model changed outside the declared targets: "
+                               + "; ".join(diffs))
+        self._expected = now
 
     # ------------------------------------------------------------------------------------------
     def restore(self) -> None:
@@ -222,82 +241,107 @@ class Editor:
         self.originals.restore(self.model)
         self.originals.verify(self.model)
         self.algorithm.load_state_dict(_clone_state(self._base_state))
-        if self.verify_untouched:
-            self._expected.update(fingerprint(self.model, self.originals.names))
-            self._check_untouched(exclude=set())
+        self._check_untouched(exclude=set(self.originals.names))  # now bit-equal to their verified originals
         self.originals = WeightsCopy()
         self.n_edits = 0
 
     def save_delta(self, path: str | Path) -> list[str]:
-        """Write the edited tensors (only those touched so far) to a safetensors file.
+        """Write the edited tensors (only those touched so far) to a checked safetensors file.
 
-        The file holds each edited parameter's current value, and in its metadata the fingerprint
-        of the base value it replaces, so ``apply_delta`` reproduces the edited model exactly and
-        refuses a different base.
+        The file (``harness.safefiles``, format ``harness-delta-v2``) holds each edited parameter's
+        current value with its sha256, and the fingerprint of the base value it replaces, so
+        ``apply_delta`` reproduces the edited model exactly and refuses a corrupt file or another base.
 
         Returns:
             The names written.
         """
+        return self._save_delta(path)[0]
+
+    def _save_delta(self, path: str | Path) -> tuple[list[str], str]:
         params = dict(self.model.named_parameters())
         names = self.originals.names
-        meta = {"format": "harness-delta-v1", "n_edits": str(self.n_edits)}
-        for n in names:
-            meta["base:" + n] = "%d:%d" % tensor_fingerprint(self.originals.tensors[n])
-        save_file({n: params[n].detach().contiguous().cpu() for n in names}, str(path), metadata=meta)
-        return names
+        meta = {"format": DELTA_FORMAT, "n_edits": str(self.n_edits)}
+        meta.update({"base:" + n: fingerprint_hex(self.originals.tensors[n]) for n in names})
+        return names, write_checked(path, {n: params[n] for n in names}, meta)
 
     def save_checkpoint(self, directory: str | Path) -> None:
-        """Save what a sequential run needs to resume: delta, originals, algorithm state, edit count."""
+        """Save what a sequential run needs to resume: delta, algorithm state, edit count.
+
+        ``editor.json`` is written last and records the checksums of the other two files.
+        """
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        self.save_delta(d / "delta.safetensors.tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.algorithm.state_dict().items()},
-                  str(d / "algorithm_state.safetensors.tmp"))
-        (d / "editor.json.tmp").write_text(json.dumps({"n_edits": self.n_edits, "algorithm": self.algorithm.name}))
-        for name in ("delta.safetensors", "algorithm_state.safetensors", "editor.json"):  # editor.json last
+        _, delta_sum = self._save_delta(d / (_DELTA + ".tmp"))
+        state_sum = write_checked(d / (_STATE + ".tmp"), self.algorithm.state_dict(), {"format": STATE_FORMAT})
+        manifest = {"format": CHECKPOINT_FORMAT, "n_edits": self.n_edits, "algorithm": self.algorithm.name,
+                    "checksums": {_DELTA: delta_sum, _STATE: state_sum}}
+        (d / (_MANIFEST + ".tmp")).write_text(json.dumps(manifest, indent=1))
+        for name in (_DELTA, _STATE, _MANIFEST):  # editor.json last
             (d / (name + ".tmp")).replace(d / name)
 
     def load_checkpoint(self, directory: str | Path) -> None:
         """Put a checkpoint onto this Editor's model, which must be the base model.
 
         The algorithm is prepared first (on the base model), so nothing it derives from the model
-        is computed on the checkpoint's edited weights.
+        is computed on the checkpoint's edited weights. Then everything is validated before the
+        model or the algorithm is touched: ``editor.json`` parses and names this Editor's algorithm;
+        the delta and the algorithm state match their checksums and the ones ``editor.json``
+        recorded; the delta's values are finite and its bases are this model's; the edit counts
+        agree; the algorithm accepts the state (tried on the algorithm, and its previous state put
+        back if it refuses).
+
+        Raises:
+            CheckpointError: naming the file at fault; the model and the algorithm are then as they were.
         """
         self.prepare()
         d = Path(directory)
-        names = apply_delta(self.model, d / "delta.safetensors", originals=self.originals)
-        state = load_file(str(d / "algorithm_state.safetensors"))
-        self.algorithm.load_state_dict(state)
-        self.n_edits = int(json.loads((d / "editor.json").read_text())["n_edits"])
+        manifest = _read_manifest(d / _MANIFEST)
+        if manifest["algorithm"] != self.algorithm.name:
+            raise CheckpointError(f"{d / _MANIFEST}: the checkpoint was made by algorithm "
+                                  f"{manifest['algorithm']!r}, this Editor runs {self.algorithm.name!r}")
+        try:
+            delta = read_delta(self.model, d / _DELTA, check_base=True)
+            state = read_checked(d / _STATE, STATE_FORMAT)
+        except SnapshotError as exc:
+            raise CheckpointError(str(exc)) from exc
+        _check_belongs(manifest, d / _MANIFEST, delta, state)
+        before = _clone_state(self.algorithm.state_dict())
+        try:
+            self.algorithm.load_state_dict(_clone_state(state.tensors))
+        except Exception as exc:  # whatever the algorithm refuses with: put its state back, name the file
+            self.algorithm.load_state_dict(before)
+            raise CheckpointError(f"{state.path}: {self.algorithm.name} does not accept this state: {exc}") from exc
+        try:
+            names = write_delta(self.model, delta.tensors, self.originals)
+        except BaseException:
+            self.algorithm.load_state_dict(before)
+            raise
+        self.n_edits = manifest["n_edits"]
         if self.verify_untouched:
-            self._expected.update(fingerprint(self.model, names))
+            self._expected.refresh(self.model, names)
 
 
-def apply_delta(model: nn.Module, path: str | Path, originals: WeightsCopy | None = None,
-                check_base: bool = True) -> list[str]:
-    """Put a ``save_delta`` file onto a copy of the base model, in place.
+def _read_manifest(path: Path) -> dict:
+    """``editor.json``, parsed and type-checked; ``CheckpointError`` naming it otherwise."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot read the checkpoint's manifest ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != CHECKPOINT_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise CheckpointError(f"{path}: checkpoint format {found!r}, expected {CHECKPOINT_FORMAT!r} (checkpoints "
+                              "of older harness versions carry no checksums and cannot be verified)")
+    n, algo, sums = manifest.get("n_edits"), manifest.get("algorithm"), manifest.get("checksums")
+    if not (isinstance(n, int) and n >= 0 and isinstance(algo, str) and isinstance(sums, dict)):
+        raise CheckpointError(f"{path}: expected n_edits (an int >= 0), algorithm (a name) and checksums (a dict)")
+    return manifest
 
-    Args:
-        originals: when given, the replaced base values are added to it (so the edit can be undone).
-        check_base: refuse when a parameter's current value is not the base the delta was made from.
 
-    Returns:
-        The names written.
-
-    Raises:
-        SnapshotError: naming the parameter whose name, shape, dtype or base value does not fit.
-    """
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    delta = WeightsCopy.load(path, model)
-    params = dict(model.named_parameters())
-    if check_base:
-        for n in delta.names:
-            want = meta.get("base:" + n)
-            have = "%d:%d" % tensor_fingerprint(params[n])
-            if want is not None and want != have:
-                raise SnapshotError(f"{path}: parameter {n!r} of this model is not the base the delta was made from")
-    if originals is not None:
-        originals.add(model, delta.names)
-    delta.restore(model)
-    return delta.names
+def _check_belongs(manifest: dict, path: Path, delta: CheckedFile, state: CheckedFile) -> None:
+    """The delta and the state are the files ``editor.json`` was written with, and the counts agree."""
+    for f in (delta, state):
+        if manifest["checksums"].get(f.path.name) != f.checksum:
+            raise CheckpointError(f"{f.path}: not the file {path} was saved with (its checksum differs)")
+    if delta.metadata.get("n_edits") != str(manifest["n_edits"]):
+        raise CheckpointError(f"{delta.path}: holds {delta.metadata.get('n_edits')} edit(s), "
+                              f"{path} says {manifest['n_edits']}")

@@ -5,7 +5,9 @@ exactly) are ``harness.tables``; its names are re-exported here.
 
 Tables of a run directory:
   * ``cases.csv``: one row per case and evaluation point (``point`` = ``edit`` or ``retention``);
-  * ``summary.csv``: per phase and metric: mean, standard error, count (``harness.probes.summarize``);
+  * ``summary.csv``: per phase and metric: the metric's protocol version, direction (↑ higher is
+    better, ↓ lower) and unit from its ``MetricInfo``, then mean, standard error, count
+    (``harness.probes.summarize``);
   * ``retention.csv`` (sequential runs): one row per retention point.
 """
 from __future__ import annotations
@@ -20,9 +22,9 @@ from typing import Any
 
 from harness.tables import ResumeError, RowTable, read_frame, read_rows, write_csv, write_frame
 
-__all__ = ["CASES", "RETENTION", "SUMMARY", "ResumeError", "RowTable", "as_float", "format_table", "metric_rows",
-           "plot_retention", "read_frame", "read_json", "read_rows", "seconds_per_edit", "summarize_phases",
-           "write_csv", "write_frame", "write_json", "write_summary"]
+__all__ = ["CASES", "RETENTION", "SUMMARY", "ResumeError", "RowTable", "as_float", "format_table", "metric_meta",
+           "metric_rows", "read_frame", "read_json", "read_rows", "seconds_per_edit", "summarize_phases",
+           "summary_table", "write_csv", "write_frame", "write_json", "write_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,15 @@ def metric_rows(rows: Iterable[Mapping[str, str]], prefix: str, metrics: Sequenc
 # summary
 
 
+def metric_meta(metric: str) -> dict[str, Any]:
+    """``direction`` (↑/↓) and ``unit`` of a registered metric, from its ``MetricInfo`` (empty strings
+    for a column no registered probe family declares, e.g. a plugin that is not installed)."""
+    from harness.probes import METRICS
+
+    info = METRICS.get(metric)
+    return {"direction": info.direction if info else "", "unit": info.unit if info else ""}
+
+
 def summarize_phases(rows: Sequence[Mapping[str, str]], metrics: Sequence[str]) -> dict[str, dict[str, dict]]:
     """Per phase: ``harness.probes.summarize`` of the rows' metric values.
 
@@ -83,10 +94,20 @@ def summarize_phases(rows: Sequence[Mapping[str, str]], metrics: Sequence[str]) 
 
 
 def seconds_per_edit(rows: Sequence[Mapping[str, str]]) -> float:
-    """Mean edit seconds per request over successful edit rows (cells are per-request amortized)."""
-    vals = [as_float(r.get("edit_s")) for r in rows if r.get("point") == "edit" and r.get("status") == "ok"]
-    vals = [v for v in vals if not math.isnan(v)]
+    """Mean edit seconds per request over successful edit rows (each row holds its call's seconds
+    and the call's ``batch_size``)."""
+    vals = []
+    for r in rows:
+        if r.get("point") == "edit" and r.get("status") != "error":
+            t, n = as_float(r.get("time_edit_s")), as_float(r.get("batch_size"))
+            if not (math.isnan(t) or math.isnan(n) or n <= 0):
+                vals.append(t / n)
     return sum(vals) / len(vals) if vals else math.nan
+
+
+def prepare_seconds(rows: Sequence[Mapping[str, str]]) -> float:
+    """Total seconds the algorithm's preparation took over the run's processes."""
+    return sum(v for v in (as_float(r.get("time_prepare_s")) for r in rows) if not math.isnan(v))
 
 
 def write_summary(path: str | Path, rows: Sequence[Mapping[str, str]], metrics: Sequence[str],
@@ -98,20 +119,46 @@ def write_summary(path: str | Path, rows: Sequence[Mapping[str, str]], metrics: 
         metrics: the per-case metric names.
         ident: columns repeated on every summary row (run_id, model, algorithm, overrides ...).
         versions: protocol version of each metric (reported beside it).
+
+    Returns:
+        One dict per (phase, metric): ``ident``, ``phase``, ``metric``, ``version``, ``direction``,
+        ``unit``, ``mean``, ``sem``, ``count``, ``excluded`` and the run's counts and timing.
     """
     edits = [r for r in rows if r.get("point") == "edit"]
     extra = {"n_cases": len(edits), "n_errors": sum(r.get("status") == "error" for r in edits),
              "n_nonfinite": sum(r.get("status") == "nonfinite" for r in edits),
-             "seconds_per_edit": seconds_per_edit(rows)}
+             "seconds_per_edit": seconds_per_edit(rows), "prepare_s": prepare_seconds(rows)}
     out: list[dict[str, Any]] = []
     for phase, table in summarize_phases(rows, metrics).items():
         for metric, st in table.items():
             out.append({**ident, "phase": phase, "metric": metric, "version": versions.get(metric, ""),
-                        "mean": st["mean"], "sem": st.get("sem", st.get("stderr")), "count": st["count"],
-                        "excluded": st.get("excluded", 0), **extra})
-    columns = list(ident) + ["phase", "metric", "version", "mean", "sem", "count", "excluded", *extra]
+                        **metric_meta(metric), "mean": st["mean"], "sem": st.get("sem", st.get("stderr")),
+                        "count": st["count"], "excluded": st.get("excluded", 0), **extra})
+    columns = list(ident) + ["phase", "metric", "version", "direction", "unit", "mean", "sem", "count", "excluded",
+                             *extra]
     write_csv(path, columns, out)
     return out
+
+
+def summary_table(summary: Sequence[Mapping[str, Any]], phases: Sequence[str] = ("pre", "post", "final")) -> str:
+    """Metrics as rows (with direction and unit), the phases present as ``mean ± sem`` columns.
+
+    Args:
+        summary: rows as ``write_summary`` returns them.
+        phases: the phases to show, in this order, when present.
+    """
+    shown = [p for p in phases if any(r["phase"] == p for r in summary)]
+    table: dict[str, dict[str, str]] = {}
+    for r in summary:
+        if r["phase"] not in shown:
+            continue
+        sem = r["sem"]
+        cell = f"{r['mean']:.3f}" + (f" ± {sem:.3f}" if isinstance(sem, float) and not math.isnan(sem) else "")
+        meta = metric_meta(r["metric"])
+        row = table.setdefault(r["metric"], {"metric": f"{r['metric']} {meta['direction']}".rstrip(),
+                                             "unit": meta["unit"], "n": str(r["count"])})
+        row[r["phase"]] = cell
+    return format_table(list(table.values()), ["metric", "unit", *shown, "n"])
 
 
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], floatfmt: str = "{:.3f}") -> str:
@@ -145,53 +192,4 @@ def write_json(path: str | Path, obj: Any) -> None:
         json.dump(obj, f, indent=1, sort_keys=True, default=str)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def plot_retention(path: str | Path, retention: Sequence[Mapping[str, str]], steps: Sequence[tuple[int, float, bool]],
-                   metrics: Sequence[str]) -> None:
-    """Draw ``retention.png``: metric means over earlier edits vs. edit count, and per-step norms.
-
-    Args:
-        retention: rows of ``retention.csv``.
-        steps: (step, weight-change norm, outlier) of every successful edit call.
-        metrics: metric columns of ``retention.csv`` to draw.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    xs = [as_float(r["n_edits"]) for r in retention]
-    curves = {m: [as_float(r.get(m)) for r in retention] for m in metrics}
-    curves = {m: ys for m, ys in curves.items() if any(not math.isnan(y) for y in ys)}
-    unbounded = [m for m in curves if m == "fluency"]  # entropy in nats: its own panel, not on the 0-1 axis
-    fig, axes = plt.subplots(1, 2 + bool(unbounded), figsize=(5.5 * (2 + bool(unbounded)), 4))
-    ax1, ax2 = axes[0], axes[-1]
-    for m, ys in curves.items():
-        ax = axes[1] if m in unbounded else ax1
-        ax.plot(xs, ys, marker="o", label=m)
-    ax1.set_xlabel("edits so far")
-    ax1.set_ylabel("mean over all earlier edits")
-    ax1.set_title("retention")
-    ax1.legend(fontsize=7)
-    if unbounded:
-        axes[1].set_xlabel("edits so far")
-        axes[1].set_ylabel("n-gram entropy")
-        axes[1].set_title("fluency")
-    if steps:
-        ax2.plot([s for s, _, _ in steps], [n for _, n, _ in steps], lw=1)
-        out = [(s, n) for s, n, o in steps if o]
-        if out:
-            ax2.scatter([s for s, _ in out], [n for _, n in out], color="red", zorder=3, label="outlier")
-            ax2.legend(fontsize=7)
-        if all(n > 0 for _, n, _ in steps):
-            ax2.set_yscale("log")
-    ax2.set_xlabel("edit call")
-    ax2.set_ylabel("weight-change norm")
-    ax2.set_title("per-step weight change")
-    fig.tight_layout()
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
     os.replace(tmp, path)

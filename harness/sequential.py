@@ -25,18 +25,19 @@ import logging
 import shutil
 import statistics
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from harness.cases import CaseLog
 from harness.editor import RestoreError
-from harness.snapshot import SnapshotError
+from harness.premeasure import PreMeasurements, chunks
 from harness.probes import Measurement, summarize
-from harness.results import RETENTION, ResumeError, RowTable, plot_retention, read_json, write_json
-
-if TYPE_CHECKING:
-    from harness.runner import Run
+from harness.plots import plot_retention
+from harness.results import RETENTION, ResumeError, RowTable, read_json, write_json
+from harness.runsetup import RunSetup, seed_step
+from harness.snapshot import SnapshotError
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +53,23 @@ def _norm(params: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> flo
 
 
 class Sequential:
-    """State of one sequential run on top of a ``Run`` (its model, Editor, tables)."""
+    """One sequential run: its batches, position, retention table and checkpoints.
 
-    def __init__(self, run: "Run") -> None:
-        self.run = run
-        self.cfg = run.cfg
-        self.ckpt = run.out / "checkpoint"
-        aggregates = [i.name for i in run.probes.infos() if i.name not in run.metrics]
-        self.ret_metrics = run.metrics + aggregates
+    The peer of ``harness.single.run_single``; both use the run's ``RunSetup``, ``CaseLog`` and
+    ``PreMeasurements``.
+    """
+
+    def __init__(self, setup: RunSetup, cases: CaseLog, pre: PreMeasurements, progress: bool = True) -> None:
+        self.setup, self.cases, self.pre, self.progress = setup, cases, pre, progress
+        self.cfg, self.editor = setup.cfg, setup.editor
+        self.by_id = {r.case_id: r for r in setup.requests}
+        self.ckpt = setup.out / "checkpoint"
+        aggregates = [i.name for i in setup.probes.infos() if i.name not in cases.metrics]
+        self.ret_metrics = cases.metrics + aggregates
         columns = ["step", "n_edits", *self.ret_metrics, "step_norm", "max_step_norm", "total_norm", "outlier",
                    "n_outliers"]
-        self.ret = RowTable(run.out / RETENTION, columns, ["step"])
-        self.batches = [run.requests[i:i + self.cfg.batch_size]
-                        for i in range(0, len(run.requests), self.cfg.batch_size)]
+        self.ret = RowTable(setup.out / RETENTION, columns, ["step"])
+        self.batches = list(chunks(setup.requests, self.cfg.batch_size))
         self.position = 0  # batches done
         self.edited: list[str] = []  # case ids successfully edited, in order
         self.steps: list[tuple[int, float, bool]] = []  # (step, norm, outlier) of successful steps
@@ -74,8 +79,8 @@ class Sequential:
         """Write ``checkpoint/`` atomically; the one before it stays as ``checkpoint.old`` (fallback)."""
         tmp, old = self.ckpt.with_name("checkpoint.tmp"), self.ckpt.with_name("checkpoint.old")
         shutil.rmtree(tmp, ignore_errors=True)
-        self.run.editor.save_checkpoint(tmp)
-        write_json(tmp / "runner.json", {"position": self.position, "n_edits": self.run.editor.n_edits,
+        self.editor.save_checkpoint(tmp)
+        write_json(tmp / "runner.json", {"position": self.position, "n_edits": self.editor.n_edits,
                                          "edited": self.edited, "steps": self.steps,
                                          "batches": [[r.case_id for r in b] for b in self.batches[:self.position]]})
         if self.ckpt.exists():
@@ -103,7 +108,7 @@ class Sequential:
                 done = [[r.case_id for r in b] for b in self.batches[:state["position"]]]
                 if done != state["batches"]:
                     raise ResumeError(f"{src}: the checkpoint was made with other batches of requests")
-                self.run.editor.load_checkpoint(src)
+                self.editor.load_checkpoint(src)
             except ResumeError:
                 raise
             except (OSError, ValueError, KeyError, TypeError, SnapshotError) as exc:
@@ -111,9 +116,9 @@ class Sequential:
                 log.warning("cannot resume from %s (%s)%s", src, exc,
                             "; trying the previous checkpoint" if src != found[-1] else "")
                 continue
-            if self.run.editor.n_edits != state["n_edits"]:
+            if self.editor.n_edits != state["n_edits"]:
                 raise ResumeError(
-                    f"{src}: the editor holds {self.run.editor.n_edits} edits, runner.json says {state['n_edits']}")
+                    f"{src}: the editor holds {self.editor.n_edits} edits, runner.json says {state['n_edits']}")
             self.position, self.edited = state["position"], list(state["edited"])
             self.steps = [(int(s), float(n), bool(o)) for s, n, o in state["steps"]]
             log.info("resumed from %s: %d batch(es), %d edit(s) done", src, self.position, len(self.edited))
@@ -135,81 +140,82 @@ class Sequential:
 
     def step(self, index: int) -> None:
         """Apply batch ``index`` (step ``index + 1``) and write its rows."""
-        run, editor, step = self.run, self.run.editor, index + 1
-        batch = run.split_runnable(self.batches[index], step, editor.n_edits)
+        editor, cases, step = self.editor, self.cases, index + 1
+        batch, failed = self.pre.split(self.batches[index])
+        for r in failed:
+            cases.write(cases.row(r, "edit", step, editor.n_edits, error=self.pre.failed[r.case_id]))
         if not batch:
             return
-        run.seed(step)
+        seed_step(self.cfg, step)
         try:
-            out = editor.edit(batch, pre=run.pre_of(batch))
+            out = editor.edit(batch, pre=self.pre.of(batch))
         except (KeyboardInterrupt, RestoreError):
             raise
         except Exception as exc:  # the Editor rolled this step back; record and go on
-            run.error_rows(batch, step, editor.n_edits, exc)
+            cases.error_rows(batch, step, editor.n_edits, exc, self.pre)
             return
-        norm = _norm(dict(run.model.named_parameters()), editor.weights_copy.tensors)
+        norm = _norm(dict(self.setup.model.named_parameters()), editor.weights_copy.tensors)
         flag = self.outlier(norm)
         if flag:
             log.warning("step %d: weight change %.3g is an outlier (> %.0fx the running median)", step, norm,
                         self.cfg.eval.outlier_factor)
         self.steps.append((step, norm, flag))
         self.edited += [r.case_id for r in batch]
-        run.outcome_rows(batch, out, step, editor.n_edits, delta_norm=norm, outlier=flag)
+        cases.outcome_rows(batch, out, step, editor.n_edits, self.pre, delta_norm=norm, outlier=flag)
 
     def retention(self, step: int) -> None:
         """Re-evaluate every edit so far against its pre measurement; rows, retention.csv, plot."""
-        run = self.run
         if self.ret.has({"step": step}):
             return  # written before an interruption; the redone edits are bit-identical
-        requests = [run.by_id[c] for c in self.edited]
-        posts: list[Measurement] = []
+        requests = [self.by_id[c] for c in self.edited]
         t0 = time.perf_counter()
-        for i in range(0, len(requests), 16):
-            part = requests[i:i + 16]
-            posts.append(run.editor.evaluate(part, reference=run.pre_of(part)))
-        post = Measurement.concat(posts)
-        dt = (time.perf_counter() - t0) / max(len(requests), 1)
-        n_edits = run.editor.n_edits
+        post = Measurement.concat([self.editor.evaluate(part, reference=self.pre.of(part))
+                                   for part in chunks(requests, 16)])
+        dt = round(time.perf_counter() - t0, 4)
+        n_edits = self.editor.n_edits
         for r, values, extra in zip(requests, post.metrics, post.extras):
-            run.write(run.row(r, "retention", step, n_edits, pre=run.pre[r.case_id].metrics[0], post=values,
-                              nonfinite=bool(extra.get("nonfinite")), probe_s=dt))
+            self.cases.write(self.cases.row(r, "retention", step, n_edits, pre=self.pre.metrics_of(r), post=values,
+                                            nonfinite=bool(extra.get("nonfinite")), time_probe_s=dt,
+                                            batch_size=len(requests)))
         last = max((int(x["step"]) for x in self.ret.rows), default=0)
         recent = [(n, o) for s, n, o in self.steps if last < s <= step]
         means = {m: st["mean"] for m, st in summarize(post.metrics).items() if m in self.ret_metrics}
-        params = dict(run.model.named_parameters())
+        params = dict(self.setup.model.named_parameters())
         row: dict[str, Any] = {"step": step, "n_edits": n_edits, **means,
                                "step_norm": self.steps[-1][1] if self.steps and self.steps[-1][0] == step else None,
                                "max_step_norm": max((n for n, _ in recent), default=None),
-                               "total_norm": _norm(params, run.editor.originals.tensors),
+                               "total_norm": _norm(params, self.editor.originals.tensors),
                                "outlier": any(o for _, o in recent), "n_outliers": sum(o for _, o in recent)}
         self.ret.append(row)
-        plot_retention(run.out / "retention.png", self.ret.rows, self.steps, self.ret_metrics)
+        plot_retention(self.setup.out / "retention.png", self.ret.rows, self.steps, self.ret_metrics,
+                       title=retention_title(self.setup))
         log.info("retention after %d edit(s): %s", n_edits,
                  ", ".join(f"{m}={v:.3f}" for m, v in means.items() if isinstance(v, float)))
 
     def execute(self) -> None:
-        run = self.run
-        run.ensure_pre(run.requests)  # on the base model, before any checkpoint is loaded
-        run.editor.prepare()  # likewise (the runner has done it already; free then)
+        """Run the remaining batches (after the last checkpoint), then restore the base model."""
+        self.pre.ensure(self.setup.requests)  # on the base model, before any checkpoint is loaded
+        self.editor.prepare()  # likewise (setup_run has done it already; free then)
         self.load_checkpoint()
         try:
             bar = tqdm(range(self.position, len(self.batches)), desc="sequential edits", initial=self.position,
-                       total=len(self.batches), disable=not run.progress)
+                       total=len(self.batches), disable=not self.progress)
             for index in bar:
-                before = run.editor.n_edits
+                before = self.editor.n_edits
                 self.step(index)
                 self.position = index + 1
                 last = index == len(self.batches) - 1
-                if last or self.points_crossed(before, run.editor.n_edits):
+                if last or self.points_crossed(before, self.editor.n_edits):
                     self.retention(index + 1)
                     self.save_checkpoint()
             if self.batches and not self.ret.has({"step": len(self.batches)}):
                 self.retention(len(self.batches))  # a complete run resumed after its last checkpoint
-            run.save_model()
+            self.setup.save_model()
         finally:
-            run.editor.restore()  # the cached model goes back to base for the next job
+            self.editor.restore()  # the cached model goes back to base for the next job
 
 
-def run_sequential(run: "Run") -> None:
-    """Entry point used by ``harness.runner.Run.execute`` for ``keep_original_weight=False``."""
-    Sequential(run).execute()
+def retention_title(setup: RunSetup) -> str:
+    """The run, as the retention plot names it: model, algorithm, batch size."""
+    cfg = setup.cfg
+    return f"{cfg.model.name or cfg.model.source} · {cfg.algorithm.name} · batches of {cfg.batch_size}"

@@ -1,16 +1,15 @@
-"""Snapshots of named parameters (``WeightsCopy``) and cheap fingerprints of a whole model.
+"""Snapshots of named parameters (``WeightsCopy``): take, restore bit for bit, verify, save and load.
 
 A ``WeightsCopy`` clones exactly the parameters an edit will touch, restores them in place with
 ``copy_`` (bit-exact in every dtype: never by subtracting a delta), verifies the restore bit for
 bit, and round-trips through a safetensors file.
 
-A fingerprint is two integer sums per tensor over its raw bits (``sum`` and ``sum of squares``
-of the bits read as integers): one pass over memory, no hashing, and any single changed element
-changes it. It is how the Editor proves that no undeclared parameter moved.
+Fingerprints (``tensor_fingerprint``, ``fingerprint``, ``model_digest``) live in
+``harness.fingerprints`` and are re-exported here; the whole-model state the Editor compares
+before and after an edit is ``harness.signature.StateSignature``.
 """
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -18,52 +17,19 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+from harness.fingerprints import fingerprint, fingerprint_hex, model_digest, raw_bits, tensor_fingerprint
+
+__all__ = ["SnapshotError", "WeightsCopy", "bit_equal", "fingerprint", "fingerprint_hex", "model_digest",
+           "tensor_fingerprint"]
 
 
 class SnapshotError(RuntimeError):
     """A snapshot does not fit the model, or a restore/verification failed."""
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's raw bits as a flat integer tensor (a view, no copy)."""
-    t = t.detach()
-    if not t.is_contiguous():
-        t = t.contiguous()
-    if t.dtype == torch.bool:
-        return t.reshape(-1).view(torch.uint8)
-    return t.reshape(-1).view(_INT_VIEW[t.element_size()])
-
-
 def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     """True when shapes, dtypes and every bit agree (``-0.0 != 0.0``, NaN payloads compared)."""
-    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(_bits(a), _bits(b.to(a.device)))
-
-
-def tensor_fingerprint(t: torch.Tensor) -> tuple[int, int]:
-    """(sum, sum of squares) of the tensor's bits read as integers.
-
-    Sums accumulate in int64; the squares wrap around in the element width, which keeps the pass
-    allocation-light (about 0.2 s for 135 M fp32 parameters on 2 CPU cores) and still moves with
-    any single changed element.
-    """
-    x = _bits(t)
-    return int(x.sum(dtype=torch.int64)), int((x * x).sum(dtype=torch.int64))
-
-
-def fingerprint(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, tuple[int, int]]:
-    """Fingerprint of every named parameter (or of ``names``), keyed by full parameter name."""
-    params = dict(model.named_parameters())
-    keys = params.keys() if names is None else names
-    return {n: tensor_fingerprint(params[n]) for n in keys}
-
-
-def model_digest(model: nn.Module) -> str:
-    """A short hex digest of the whole model's fingerprint, for keying on-disk caches by weights."""
-    h = hashlib.sha256()
-    for name, fp in sorted(fingerprint(model).items()):
-        h.update(f"{name}:{fp[0]}:{fp[1]};".encode())
-    return h.hexdigest()[:16]
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(raw_bits(a), raw_bits(b.to(a.device)))
 
 
 class WeightsCopy:

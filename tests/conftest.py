@@ -8,6 +8,28 @@ import torch
 
 from harness.models import _TINY_CORPUS, load_model
 
+# The development data (full CounterFact and zsRE files) lives beside the repository, in
+# ``../shared/data`` relative to its root; it is not shipped, so tests that need it skip without it.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread per test: tiny models gain nothing from threads, and OpenMP threads on a shared
+    2-core machine slow each other down (tests that start processes set OMP_NUM_THREADS=1 there)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The development data directory beside the repository (``../shared/data``); skips when absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"development data not found: {SHARED_DATA} (../shared/data beside the repository)")
+    return SHARED_DATA
+
 
 @pytest.fixture
 def tiny():
@@ -42,22 +64,25 @@ def tiny_hparams(name: str, tmp_path: Path) -> dict | None:
     algorithm). The key statistics come from a small corpus file under ``tmp_path``."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(_TINY_CORPUS * 6)
-    located = dict(v_num_grad_steps=3, stats_dir=str(tmp_path / "stats"), mom2_source=str(corpus),
-                   mom2_n_samples=16, mom2_seq_len=32, mom2_batch_size=8)
+    located = dict(target={"num_grad_steps": 3},
+                   stats={"cache_dir": str(tmp_path / "stats"), "source": str(corpus), "n_samples": 16,
+                          "seq_len": 32, "batch_size": 8})
+    spread = dict(layers=[0, 1], templates={"length_params": [[3, 2]]}, **located)
     return {
         "none": {},
         "direct": {},  # the default op: a seeded low-rank delta on layer 0's down_proj
         "ft": {"layers": [1], "num_steps": 3, "lr": 1e-2},
         "ft_m": {"layers": [1], "num_steps": 3, "lr": 1e-2},
         "lora": {"num_steps": 3, "lr": 1e-2, "rank": 2},
-        "rome": {"layer": 1, "context_template_length_params": [[3, 2]], **located},
-        "memit": {"layers": [0, 1], "context_template_length": 3, "context_template_count": 2, **located},
-        "alphaedit": {"layers": [0, 1], "context_template_length": 3, "context_template_count": 2, **located},
+        "rome": {"layer": 1, "templates": {"length_params": [[3, 2]]}, **located},
+        "memit": spread,
+        "alphaedit": spread,
     }.get(name)
 
 
 def as_overrides(hparams: dict, prefix: str = "algorithm.hparams") -> list[str]:
-    """Hydra override strings for a hyperparameter dict (strings quoted, lists as lists)."""
+    """Hydra override strings for a hyperparameter dict (strings quoted, lists as lists, nested
+    blocks as dotted keys: ``{"target": {"lr": 0.1}}`` -> ``algorithm.hparams.target.lr=0.1``)."""
     def value(v):
         if isinstance(v, str):
             return '"' + v.replace('"', '\\"') + '"'
@@ -65,4 +90,10 @@ def as_overrides(hparams: dict, prefix: str = "algorithm.hparams") -> list[str]:
             return "[" + ",".join(value(x) for x in v) + "]"
         return str(v).lower() if isinstance(v, bool) else str(v)
 
-    return [f"{prefix}.{k}={value(v)}" for k, v in hparams.items()]
+    out = []
+    for k, v in hparams.items():
+        if isinstance(v, dict):
+            out += as_overrides(v, f"{prefix}.{k}")
+        else:
+            out.append(f"{prefix}.{k}={value(v)}")
+    return out

@@ -97,9 +97,9 @@ def corpus_file(tmp_path):
 
 
 def tiny_hparams(tmp_path, **kw):
-    hp = dict(layers=[0, 1], v_num_grad_steps=6, context_template_length=3, context_template_count=2,
-              mom2_n_samples=16, mom2_seq_len=32, mom2_batch_size=8, stats_dir=str(tmp_path / "stats"),
-              mom2_source=str(corpus_file(tmp_path)),
+    hp = dict(layers=[0, 1], target={"num_grad_steps": 6}, templates={"length_params": [[3, 2]]},
+              stats={"n_samples": 16, "seq_len": 32, "batch_size": 8, "cache_dir": str(tmp_path / "stats"),
+                     "source": str(corpus_file(tmp_path))},
               nullspace_threshold=1e-4, l2=1e-4)  # the tiny models' C has eigenvalues ~1e-5..1e-1
     hp.update(kw)
     return hp
@@ -208,8 +208,8 @@ def test_alphaedit_tiny_edits_declared_weights_and_shrinks_z_error(arch, tiny, t
     assert report.info["z_error.final"] < 0.8 * report.info["z_error.0"]
     for layer in (0, 1):
         assert 0 < report.info[f"nullspace_dim.{layer}"] < 128  # a proper null space at this threshold
-        # ALGORITHMS.md §3 verification 2: on the model's own C, ‖P C P‖₂ <= threshold.
-        cov = alg.stats.get(model, tok, model_spec(model), layer, alg.hparams.stats_config()).double()
+        # docs/algorithms/alphaedit.md (how it is checked): on the model's own C, ‖P C P‖₂ <= threshold.
+        cov = alg.stats.get(model, tok, model_spec(model), layer, alg.hparams.stats).double()
         proj = alg.projector(model, layer)
         assert float(torch.linalg.matrix_norm(proj @ cov @ proj, ord=2)) <= alg.hparams.nullspace_threshold
 

@@ -2,6 +2,7 @@
 misspelled keys or wrongly typed values fail at compose time (Hydra's compose API, no run)."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -9,9 +10,9 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, HydraException
 from omegaconf.errors import MissingMandatoryValue
 
-from harness.algorithms import available
+from harness.algorithms import available, get_algorithm, make_hparams
 from harness.cli import compose_config, to_config
-from harness.config import CONF_DIR, Config, validate
+from harness.config import CONF_DIR, Config, ConfigError, validate
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 ALGORITHM_FILES = sorted(p.stem for p in (CONF_DIR / "algorithm").glob("*.yaml"))
@@ -124,3 +125,175 @@ def test_launchers_compose(launcher: str, target: str) -> None:
                       return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith(target)
     assert Path(str(cfg.hydra.sweep.dir)).parts[0] == "runs"
+
+
+# ----------------------------------------------------------------------------------------------
+# hyperparameters: nested blocks, one source of defaults, per-family settings
+
+TARGET = dict(num_grad_steps=25, lr=0.5, weight_decay=1e-3, clamp_norm_factor=4.0, kl_factor=0.0625, loss_layer=None,
+              early_stop_loss=0.05)
+STATS = dict(source="model", n_samples=1000, seq_len=128, batch_size=16, dtype="float32", ridge=1e-3, seed=0,
+             cache_dir=None)
+SPREAD = dict(layers=[3, 4, 5, 6, 7], fast_path=True, z_batch_size=16, target=TARGET,
+              stats={**STATS, "n_samples": 256}, templates=dict(length_params=[[10, 5]], seed=0))
+# What SmolLM2 runs resolved to before the blocks were nested (the flat fields of conf/algorithm/*.yaml,
+# v_* -> target.*, mom2_* and stats_dir -> stats.*, context templates -> templates.*).
+SMOLLM2_BEFORE = {
+    "rome": dict(layer=5, key_mode="r_rome", mom2_adjustment=False, fast_path=True, target=TARGET, stats=STATS,
+                 templates=dict(length_params=[[5, 10], [10, 10]], seed=0)),
+    "memit": dict(SPREAD, mom2_update_weight=2000.0),
+    "alphaedit": dict(SPREAD, nullspace_threshold=0.02, l2=10.0, cache_projector=True),
+    "ft": dict(layers=[20], num_steps=25, lr=5e-4, weight_decay=0.0, norm_constraint=None, batch_size=1, min_loss=0.01,
+               include_bias=False, seed=0),
+    "lora": dict(target_modules=["self_attn.q_proj", "self_attn.v_proj"], layers=None, rank=8, alpha=32.0, dropout=0.1,
+                 lr=2e-4, weight_decay=0.0, num_steps=30, batch_size=1, seed=0),
+}
+SMOLLM2_BEFORE["ft_m"] = SMOLLM2_BEFORE["ft"]
+
+
+def _hparams(overrides: list[str]) -> tuple[Config, dict]:
+    cfg = _compose(overrides)
+    return cfg, dataclasses.asdict(validate(cfg))
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(SMOLLM2_BEFORE))
+def test_smollm2_hparams_resolve_to_the_values_before_nesting(name: str) -> None:
+    cfg, got = _hparams([f"algorithm={name}"])
+    assert (cfg.model.family, cfg.algorithm.family) == ("smollm2", None if name == "lora" else "smollm2")
+    want = _flat(SMOLLM2_BEFORE[name])
+    got = _flat(got)
+    assert sorted(got) == sorted(want)
+    for key, value in want.items():
+        assert got[key] == value and type(got[key]) is type(value), (name, key, got[key], value)
+
+
+def test_dataclass_defaults_are_the_defaults() -> None:
+    """Without a family (the tiny model), an algorithm resolves to its dataclass's defaults."""
+    for name in ("rome", "memit", "alphaedit", "ft", "ft_m", "lora"):
+        cfg, got = _hparams(["model=tiny", f"algorithm={name}"])
+        assert cfg.model.family is None and cfg.algorithm.family is None
+        assert got == dataclasses.asdict(get_algorithm(name).Hparams()), name
+
+
+def _restated(values: dict, default: dict, prefix: str = "") -> list[str]:
+    """Dotted keys of ``values`` whose value equals the default (should be empty)."""
+    same = []
+    for k, v in values.items():
+        if isinstance(v, dict) and isinstance(default.get(k), dict):
+            same += _restated(v, default[k], f"{prefix}{k}.")
+        elif default.get(k) == v:
+            same.append(prefix + k)
+    return same
+
+
+def test_yaml_restates_no_default() -> None:
+    """conf/algorithm/*.yaml and conf/algorithm_family/*/*.yaml set only what differs from the defaults."""
+    from omegaconf import OmegaConf
+
+    files = [*(CONF_DIR / "algorithm").glob("*.yaml"), *(CONF_DIR / "algorithm_family").glob("*/*.yaml")]
+    assert len(files) > len(ALGORITHM_FILES)
+    for path in files:
+        conf = OmegaConf.to_container(OmegaConf.load(path))
+        name = conf.get("name", path.parent.name)
+        defaults = dataclasses.asdict(get_algorithm(name).Hparams())
+        restated = _restated(conf.get("hparams") or {}, defaults)
+        assert not restated, f"{path.relative_to(CONF_DIR)} restates the default of {restated}"
+
+
+FAMILY_FILES = sorted((p.parent.name, p.stem) for p in (CONF_DIR / "algorithm_family").glob("*/*.yaml"))
+
+
+@pytest.mark.parametrize("name,family", FAMILY_FILES)
+def test_every_family_entry_composes_and_is_recorded(name: str, family: str) -> None:
+    cfg, _ = _hparams([f"algorithm={name}", f"family={family}"])
+    assert (cfg.model.family, cfg.algorithm.family) == (family, family)
+
+
+# The anchors' values (the files cited in each conf/algorithm_family entry).
+ANCHORS = {
+    ("gpt2_local", "rome"): {"layer": 17, "mom2_adjustment": True, "target.num_grad_steps": 20, "target.lr": 0.5,
+                             "target.weight_decay": 0.5, "target.clamp_norm_factor": 4.0, "target.kl_factor": 0.0625,
+                             "templates.length_params": [[5, 10], [10, 10]]},
+    ("llama_local", "rome"): {"layer": 5, "mom2_adjustment": False, "target.num_grad_steps": 25, "target.lr": 0.5,
+                              "target.weight_decay": 1e-3, "target.clamp_norm_factor": 4.0, "target.kl_factor": 0.0625,
+                              "templates.length_params": [[5, 10], [10, 10]]},
+    ("gpt2_local", "memit"): {"layers": [13, 14, 15, 16, 17], "mom2_update_weight": 20000.0,
+                              "target.num_grad_steps": 20, "target.lr": 0.5, "target.weight_decay": 0.5,
+                              "target.clamp_norm_factor": 0.75, "target.kl_factor": 0.0625},
+    ("llama_local", "memit"): {"layers": [4, 5, 6, 7, 8], "mom2_update_weight": 15000.0, "target.num_grad_steps": 25,
+                               "target.lr": 0.1, "target.weight_decay": 0.5, "target.clamp_norm_factor": 0.75,
+                               "target.kl_factor": 0.0625},
+    ("gpt2_local", "alphaedit"): {"layers": [13, 14, 15, 16, 17], "target.num_grad_steps": 20, "target.lr": 0.5,
+                                  "target.weight_decay": 0.5, "target.clamp_norm_factor": 0.75,
+                                  "nullspace_threshold": 0.02, "l2": 10.0},
+    ("llama_local", "alphaedit"): {"layers": [4, 5, 6, 7, 8], "target.num_grad_steps": 25, "target.lr": 0.1,
+                                   "target.weight_decay": 0.5, "target.clamp_norm_factor": 0.75,
+                                   "nullspace_threshold": 0.02, "l2": 10.0},
+    ("gpt2_local", "ft"): {"layers": [0], "num_steps": 25, "batch_size": 3, "lr": 5e-4, "weight_decay": 0.0,
+                           "norm_constraint": 5e-4, "include_bias": True},
+    ("llama_local", "ft"): {"layers": [21], "num_steps": 25, "batch_size": 1, "lr": 5e-4, "weight_decay": 0.0,
+                            "norm_constraint": None, "include_bias": False},
+}
+ANCHORS[("gpt2_local", "ft_m")] = ANCHORS[("gpt2_local", "ft")]
+ANCHORS[("llama_local", "ft_m")] = ANCHORS[("llama_local", "ft")]
+
+
+@pytest.mark.parametrize("model,name", sorted(ANCHORS))
+def test_model_config_selects_the_family_settings(model: str, name: str) -> None:
+    cfg, got = _hparams([f"model={model}", "model.source=/models/x", f"algorithm={name}"])
+    assert cfg.algorithm.family == cfg.model.family == {"gpt2_local": "gpt2", "llama_local": "llama"}[model]
+    got = _flat(got)
+    assert {k: got[k] for k in ANCHORS[(model, name)]} == ANCHORS[(model, name)]
+
+
+def test_command_line_wins_over_the_family_entry() -> None:
+    _, got = _hparams(["model=gpt2_local", "model.source=/models/x", "algorithm=memit",
+                       "algorithm.hparams.layers=[1,2]", "algorithm.hparams.target.num_grad_steps=3",
+                       "algorithm.hparams.stats.n_samples=8"])
+    assert got["layers"] == [1, 2] and got["target"]["num_grad_steps"] == 3 and got["stats"]["n_samples"] == 8
+    assert got["target"]["weight_decay"] == 0.5 and got["mom2_update_weight"] == 20000.0  # the rest of the entry
+
+
+def test_family_is_chosen_by_the_group_not_by_model_family() -> None:
+    assert _compose(["algorithm=rome", "family=llama"]).model.family == "llama"
+    with pytest.raises(ValueError, match=r"family=gpt2"):
+        _compose(["algorithm=rome", "model.family=gpt2"])
+
+
+@pytest.mark.parametrize("override", ["algorithm.hparams.target.lrr=0.1", "algorithm.hparams.stats.n_sample=1",
+                                      "algorithm.hparams.templates.length=[[1,1]]", "algorithm.hparams.v_lr=0.1"])
+def test_misspelled_nested_key_fails_at_compose_time(override: str) -> None:
+    with pytest.raises(ConfigCompositionException):
+        compose_config(["algorithm=memit", override])
+    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
+        _compose(["algorithm=memit", "+" + override])
+
+
+@pytest.mark.parametrize("override", ["algorithm.hparams.target.lr=fast", "algorithm.hparams.stats.n_samples=many",
+                                      "algorithm.hparams.templates.length_params=[[a,1]]"])
+def test_wrong_type_in_a_block_fails_at_compose_time(override: str) -> None:
+    with pytest.raises(ConfigCompositionException):
+        compose_config(["algorithm=rome", override])
+
+
+def test_invalid_value_in_a_block_fails_when_typed() -> None:
+    with pytest.raises(ValueError, match="lr"):
+        _compose(["algorithm=rome", "algorithm.hparams.target.lr=0"])
+
+
+def test_make_hparams_builds_blocks_and_names_unknown_nested_keys() -> None:
+    from harness.algorithms.memit import MemitHparams
+
+    hp = make_hparams(MemitHparams, {"target": {"lr": 0.1}, "stats": {"seed": 3}, "layers": [1, 2]})
+    assert (hp.target.lr, hp.target.num_grad_steps, hp.stats.seed, hp.stats.n_samples) == (0.1, 25, 3, 256)
+    with pytest.raises(TypeError, match=r"algorithm 'memit'.*\['target\.lrr'\].*known keys of target:.*'lr'"):
+        make_hparams(MemitHparams, {"target": {"lrr": 0.1}}, where="algorithm 'memit'")
+    with pytest.raises(TypeError, match=r"\['ops\.0\.scael'\]"):
+        make_hparams(get_algorithm("direct").Hparams, {"ops": [{"kind": "low_rank", "param": "p", "scael": 1.0}]})

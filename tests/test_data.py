@@ -12,8 +12,6 @@ import pytest
 from harness.data import KINDS, DataError, LoadedData, load_requests, sample_path
 from harness.types import QA
 
-SHARED = Path("/work/shared/data")
-
 
 def raw(kind: str) -> list[dict]:
     return json.loads(sample_path(kind).read_text(encoding="utf-8"))
@@ -72,11 +70,10 @@ def test_sample_paths_live_in_the_package():
     assert set(KINDS) == {"counterfact", "counterfact_rome", "zsre", "jsonl", "csv", "user"}
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="development data not present")
-def test_full_development_files():
-    assert len(load_requests("counterfact", SHARED / "counterfact-train.json")) == 10000
-    assert len(load_requests("counterfact", SHARED / "counterfact-val.json")) == 1919
-    zsre = load_requests("zsre", SHARED / "zsre_mend_train-1k.json", skip_invalid=True)
+def test_full_development_files(shared_data):
+    assert len(load_requests("counterfact", shared_data / "counterfact-train.json")) == 10000
+    assert len(load_requests("counterfact", shared_data / "counterfact-val.json")) == 1919
+    zsre = load_requests("zsre", shared_data / "zsre_mend_train-1k.json", skip_invalid=True)
     assert len(zsre) == 998 and [(s.index, s.field) for s in zsre.skipped] == [(534, "alt"), (723, "alt")]
 
 

@@ -33,7 +33,7 @@ UNIT = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}  # half an ulp, re
 TINIEST = {torch.bfloat16: 0.0, torch.float16: 2.0 ** -25}  # half the smallest fp16 subnormal
 REQ = EditRequest("a", "{} plays the sport of", "LeBron James", "football", "basketball")
 REQS = (REQ, EditRequest("b", "The mother tongue of {} is", "Danielle Darrieux", "English", "French"))
-ROME = dict(layer=0, v_num_grad_steps=4, context_template_length_params=[[4, 2]])
+ROME = dict(layer=0, target={"num_grad_steps": 4}, templates={"length_params": [[4, 2]]})
 
 
 def spread_hparams(tmp_path: Path, **kw) -> dict:
@@ -41,9 +41,9 @@ def spread_hparams(tmp_path: Path, **kw) -> dict:
     tmp_path.mkdir(parents=True, exist_ok=True)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(_TINY_CORPUS * 6)
-    return dict(layers=[0, 1], v_num_grad_steps=6, context_template_length=3, context_template_count=2,
-                mom2_n_samples=16, mom2_seq_len=32, mom2_batch_size=8, stats_dir=str(tmp_path / "stats"),
-                mom2_source=str(corpus), **kw)
+    return dict(layers=[0, 1], target={"num_grad_steps": 6}, templates={"length_params": [[3, 2]]},
+                stats={"n_samples": 16, "seq_len": 32, "batch_size": 8, "cache_dir": str(tmp_path / "stats"),
+                       "source": str(corpus)}, **kw)
 
 
 def synthetic_delta(w: torch.Tensor, rel: float, seed: int = 0) -> torch.Tensor:

@@ -27,15 +27,6 @@ WRAP = {  # modules to wrap per architecture: Linear, Embedding, Conv1D
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and two OpenMP threads on a shared 2-core machine spin badly."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _clone(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 

@@ -100,9 +100,9 @@ def corpus_file(tmp_path):
 
 def tiny_hparams(tmp_path, **kw):
     """Hyperparameters that keep an edit of a 2-layer tiny model to about a second."""
-    hp = dict(layers=[0, 1], v_num_grad_steps=6, v_lr=0.5, context_template_length=3, context_template_count=2,
-              mom2_n_samples=16, mom2_seq_len=32, mom2_batch_size=8, stats_dir=str(tmp_path / "stats"),
-              mom2_source=str(corpus_file(tmp_path)))
+    hp = dict(layers=[0, 1], target={"num_grad_steps": 6, "lr": 0.5}, templates={"length_params": [[3, 2]]},
+              stats={"n_samples": 16, "seq_len": 32, "batch_size": 8, "cache_dir": str(tmp_path / "stats"),
+                     "source": str(corpus_file(tmp_path))})
     hp.update(kw)
     return hp
 
@@ -132,9 +132,22 @@ def test_memit_hparams_validated():
     with pytest.raises(ValueError, match="mom2_update_weight"):
         create("memit", {"mom2_update_weight": -1.0})
     with pytest.raises(ValueError, match="dtype"):
-        create("memit", {"mom2_dtype": "float16"})
+        create("memit", {"stats": {"dtype": "float16"}})
+    with pytest.raises(ValueError, match="loss_layer"):
+        create("memit", {"layers": [3, 4], "target": {"loss_layer": 2}})
     with pytest.raises(TypeError, match="unknown hyperparameter"):
         create("memit", {"lambda": 1.0})
+    with pytest.raises(TypeError, match=r"\['stats\.n_sample'\].*known keys of stats: .*'n_samples'"):
+        create("memit", {"stats": {"n_sample": 1}})  # a typo inside a block names its path
+    with pytest.raises(TypeError, match="target must be a mapping"):
+        create("memit", {"target": 0.5})
+
+
+def test_memit_blocks_keep_memits_own_defaults():
+    """A block given in part is merged onto MEMIT's own default block, not the block class's defaults."""
+    hp = create("memit", {"stats": {"seed": 1}, "templates": {"seed": 2}}).hparams
+    assert (hp.stats.n_samples, hp.stats.seed) == (256, 1)  # StatsConfig's own default is 1000
+    assert (hp.templates.length_params, hp.templates.seed) == ([[10, 5]], 2)  # TemplateHparams': ROME's
 
 
 def test_memit_rejects_missing_layer(tiny, tmp_path):

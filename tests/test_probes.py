@@ -166,3 +166,133 @@ def test_unedited_smollm2_low_efficacy_high_neighborhood(smollm2):
     assert table["efficacy_score"]["mean"] < 0.5
     assert table["neighborhood_score"]["mean"] > 0.6
     assert table["locality_acc"]["mean"] == 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# the registry and the metadata
+
+
+def test_register_probe_refuses_bad_names_classes_and_clashes():
+    from harness.probes import MetricInfo, ProbeFamily, get_probe, register_probe
+
+    def family(metric: str, module: str = "someone_elses.plugin", qualname: str = "Fam") -> type:
+        return type(qualname, (ProbeFamily,), {"__module__": module, "__qualname__": qualname,
+                                               "METRICS": (MetricInfo(metric, "x", 1, unit="fraction"),)})
+
+    with pytest.raises(ValueError, match="lowercase snake case"):
+        register_probe("Bad-Name")
+    with pytest.raises(TypeError, match="ProbeFamily subclass"):
+        register_probe("plain")(object)
+    with pytest.raises(ValueError, match=r"'counterfact' is already registered to harness\.probes\.counterfact\."
+                                         r"CounterFact; cannot register someone_elses\.plugin\.CounterFact"):
+        register_probe("counterfact")(family("cf_new", qualname="CounterFact"))
+    with pytest.raises(ValueError, match=r"\['rewrite_acc'\] already taken by family 'easyedit'"):
+        register_probe("clash")(family("rewrite_acc"))
+    with pytest.raises(ValueError, match=r"\['fluency'\] already taken by family 'fluency'"):
+        register_probe("clash")(family("fluency"))  # also a family name: configs could not tell them apart
+    with pytest.raises(ValueError, match="'score' is a metric of family 'counterfact'"):
+        register_probe("score")(family("score_plus"))
+    with pytest.raises(TypeError, match="non-empty tuple of MetricInfo"):
+        register_probe("empty")(type("Empty", (ProbeFamily,), {}))
+    assert get_probe("counterfact").__module__ == "harness.probes.counterfact"
+    with pytest.raises(KeyError, match="unknown probe family 'nope'; registered: counterfact, easyedit, fluency"):
+        get_probe("nope")
+
+
+def test_a_reloaded_family_registers_again():
+    from harness.probes import ProbeFamily, get_probe, register_probe, registry
+
+    old = get_probe("easyedit")
+    again = type(old.__name__, (ProbeFamily,), {"__module__": old.__module__, "__qualname__": old.__qualname__,
+                                                 "METRICS": old.METRICS})
+    try:
+        assert register_probe("easyedit")(again) is again and get_probe("easyedit") is again
+    finally:
+        registry._REGISTRY["easyedit"] = old
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(version="1"), "version must be an int"),
+    (dict(version=True), "version must be an int"),
+    (dict(unit=""), "unit must be a non-empty string"),
+    (dict(aggregate="median"), "aggregate must be one of"),
+    (dict(aggregate="hmean"), "an hmean aggregate needs inputs"),
+    (dict(inputs=("a",)), "a mean metric has none"),
+    (dict(higher_is_better="yes"), "higher_is_better must be a bool"),
+    (dict(bounds=(1.0, 0.0)), "bounds must be"),
+])
+def test_metric_info_refuses_malformed_fields(kwargs, match):
+    from harness.probes import MetricInfo
+
+    fields = {"version": 1, "unit": "fraction", **kwargs}
+    with pytest.raises(ValueError, match=f"metric 'm': .*{match}"):
+        MetricInfo("m", "p", fields.pop("version"), **fields)
+
+
+def test_summaries_aggregate_from_the_metadata():
+    """An ``hmean`` metric is the harmonic mean of its inputs' means whatever it is called; the
+    built-in ``score`` is just one."""
+    from harness.probes import MetricInfo
+
+    rows = [{"a": 1.0, "b": 0.5}, {"a": 1.0, "b": math.nan}]
+    agg = MetricInfo("both", "p", 1, unit="fraction", aggregate="hmean", inputs=("a", "b"))
+    table = summarize(rows, infos=[agg])
+    assert table["both"]["mean"] == pytest.approx(2 / (1 + 2)) and table["both"]["count"] == 1
+    assert table["both"]["excluded"] == 1 and "score" not in table
+
+
+def test_suites_are_chosen_by_family_and_metric_names():
+    from harness.probes import METRICS, get_probe
+
+    assert build_probes().metrics == tuple(get_probe("counterfact").declared()) + tuple(get_probe("easyedit").declared())
+    assert build_probes(["easyedit"]).metrics == ("rewrite_acc", "rephrase_acc", "locality_acc", "portability_acc")
+    mixed = build_probes(["locality_acc", "counterfact", "efficacy_score"], fluency=True)
+    assert [f.name for f in mixed.families] == ["counterfact", "easyedit", "fluency"]  # registry order
+    assert mixed.metrics[:2] == ("locality_acc", "efficacy_score") and mixed.metrics[-1] == "fluency"
+    assert mixed.families[1].wanted == {"locality_acc"}
+    assert build_probes(["score"]).row_metrics() == ["efficacy_score", "paraphrase_score", "neighborhood_score"]
+    assert list(METRICS)[:2] == ["efficacy_score", "efficacy_magnitude"] and METRICS["fluency"].unit == "bits"
+    with pytest.raises(ValueError, match=r"unknown probe family or metric \['effcacy_score'\]; families: "):
+        build_probes(["effcacy_score"])
+
+
+def test_family_settings_from_keywords_and_mappings():
+    fl = build_probes(["fluency"], fluency_max_new_tokens=3, fluency_max_prompts=None).families[0]
+    assert (fl.settings.max_new_tokens, fl.settings.max_prompts) == (3, None)
+    fl = build_probes(["fluency"], settings={"fluency": {"max_new_tokens": 5}}).families[0]
+    assert (fl.settings.max_new_tokens, fl.settings.max_prompts) == (5, 2)
+    assert "fluency" not in build_probes(fluency=False, fluency_max_new_tokens=7).metrics  # settings alone add nothing
+    with pytest.raises(TypeError, match="unexpected keyword 'fluency_max_new_token'"):
+        build_probes(fluency_max_new_token=3)
+    with pytest.raises(TypeError, match=r"probe family 'fluency': unknown setting\(s\) \['tokens'\]"):
+        build_probes(["fluency"], settings={"fluency": {"tokens": 3}})
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        build_probes(["fluency"], fluency_max_new_tokens=0)
+    with pytest.raises(ValueError, match=r"settings for unknown probe family \['fluent'\]"):
+        build_probes(settings={"fluent": {}})
+
+
+def test_values_do_not_depend_on_how_the_config_orders_families(tiny):
+    """Families run in registry order, so the scorer sees the same pairs in the same order."""
+    from harness.data import load_requests
+
+    model, tok = tiny
+    reqs = list(load_requests("counterfact", limit=3).requests)
+    a = build_probes(["counterfact", "easyedit"]).measure(model, tok, reqs).metrics
+    b = build_probes(["easyedit", "counterfact"]).measure(model, tok, reqs).metrics
+    assert [list(r) for r in a] == [list(r) for r in b]
+    assert all(x[k] == y[k] or (math.isnan(x[k]) and math.isnan(y[k])) for x, y in zip(a, b) for k in x)
+
+
+def test_summary_table_and_csv_carry_direction_and_unit(tmp_path):
+    from harness.results import read_rows, summary_table, write_summary
+
+    rows = [{"point": "edit", "status": "ok", "pre_efficacy_score": "0.0", "post_efficacy_score": "1.0",
+             "pre_fluency": "3.5", "post_fluency": "3.0", "edit_s": "1"}]
+    out = write_summary(tmp_path / "s.csv", rows, ["efficacy_score", "fluency"], {"run_id": "r"},
+                        {"efficacy_score": 1, "fluency": 1})
+    back = read_rows(tmp_path / "s.csv")
+    assert [(r["metric"], r["direction"], r["unit"]) for r in back if r["phase"] == "post"] == \
+        [("efficacy_score", "↑", "fraction"), ("fluency", "↑", "bits")]
+    text = summary_table(out)
+    assert "efficacy_score ↑  fraction" in text and "fluency ↑" in text and "bits" in text

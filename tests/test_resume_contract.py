@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from harness.algorithms import available
 from harness.cli import compose_config, to_config
-from harness.results import read_json, read_rows
+from harness.results import ResumeError, read_json, read_rows
 from harness.runner import ModelCache, run
 
 from conftest import as_overrides, tiny_hparams
@@ -110,3 +110,28 @@ def test_sigkilled_sequential_run_resumes_bit_identical(name: str, tmp_path: Pat
     for key in a:
         assert a[key] == b[key], f"row {key} differs"
     assert read_rows(ref / "retention.csv") == read_rows(resumed / "retention.csv")
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path: Path, caplog) -> None:
+    ov = ["experiment=smoke_sequential", "threads=1", "data.limit=8", "eval.retention_at=[2,4]"]
+    cfg = to_config(compose_config(ov))
+    cache = ModelCache()
+    run(cfg, tmp_path, ov, cache=cache, progress=False)
+    final = {k: v.clone() for k, v in load_file(str(tmp_path / "checkpoint" / "delta.safetensors")).items()}
+    assert read_json(tmp_path / "checkpoint.old" / "runner.json")["position"] == 2
+    blob = bytearray((tmp_path / "checkpoint" / "delta.safetensors").read_bytes())
+    blob[-3] ^= 0xFF  # one flipped payload byte
+    (tmp_path / "checkpoint" / "delta.safetensors").write_bytes(bytes(blob))
+    rows = read_rows(tmp_path / "cases.csv")
+
+    res = run(cfg, tmp_path, ov, cache=cache, progress=False)  # redoes steps 3-4 from checkpoint.old
+    assert "trying the previous checkpoint" in caplog.text
+    assert res.n_written == 0 and read_rows(tmp_path / "cases.csv") == rows
+    again = load_file(str(tmp_path / "checkpoint" / "delta.safetensors"))
+    assert all(torch.equal(final[k], again[k]) for k in final)
+
+    for d in ("checkpoint", "checkpoint.old"):  # no usable checkpoint at all: refused, nothing touched
+        (tmp_path / d / "editor.json").write_text("{")
+    with pytest.raises(ResumeError, match="no usable checkpoint"):
+        run(cfg, tmp_path, ov, cache=cache, progress=False)
+    assert read_rows(tmp_path / "cases.csv") == rows

@@ -1,7 +1,6 @@
 """ROME / r-ROME: the rank-one solve on synthetic tensors, the algorithm on tiny models, one real edit."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,11 +16,11 @@ F64 = torch.float64
 REQ = EditRequest(case_id="1", prompt="The mother tongue of {} is", subject="Danielle Darrieux",
                   target_new="English", target_true="French")
 REQ2 = EditRequest(case_id="2", prompt="{} plays the sport of", subject="LeBron James", target_new="football")
-FAST = dict(layer=0, v_num_grad_steps=4, context_template_length_params=[[4, 2]])
+FAST = dict(layer=0, target={"num_grad_steps": 4}, templates={"length_params": [[4, 2]]})
 
 
 # ----------------------------------------------------------------------------------------------
-# synthetic: ALGORITHMS.md §1 Verification 1
+# synthetic: the properties of the update in docs/algorithms/rome.md
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -58,23 +57,28 @@ def test_rank_one_update_rejects_orthogonal_key():
 def test_hparams_validate_and_compose_with_omegaconf():
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.merge(OmegaConf.structured(RomeHparams), {"layer": 3, "context_template_length_params": [[5, 2]]})
+    from harness.config import _hparams_node
+
+    cfg = OmegaConf.merge(_hparams_node(RomeHparams), {"layer": 3, "templates": {"length_params": [[5, 2]]},
+                                                      "target": {"lr": 0.1}})
     hp = OmegaConf.to_object(cfg)
-    assert hp.layer == 3 and hp.context_template_length_params == [[5, 2]]
+    assert hp.layer == 3 and hp.templates.length_params == [[5, 2]] and hp.templates.seed == 0
+    assert (hp.target.lr, hp.target.num_grad_steps) == (0.1, 25)  # one key of the block changed, the rest kept
     assert isinstance(create("rome", {"layer": 2}), Rome)
-    for bad in ({"key_mode": "asym"}, {"layer": -1}, {"context_template_length_params": [[5]]}, {"v_lr": 0.0}):
+    for bad in ({"key_mode": "asym"}, {"layer": -1}, {"templates": {"length_params": [[5]]}},
+                {"target": {"lr": 0.0}}, {"stats": {"dtype": "float16"}}):
         with pytest.raises((ValueError, TypeError)):
             RomeHparams(**bad)
 
 
-def test_yaml_lists_every_hparam():
-    from omegaconf import OmegaConf
-
-    conf = OmegaConf.load(Path(__file__).parents[1] / "conf" / "algorithm" / "rome.yaml")
-    assert conf.name == "rome"
-    fields = set(RomeHparams.__dataclass_fields__)
-    assert set(conf.hparams) == fields
-    RomeHparams(**OmegaConf.to_container(conf.hparams))
+def test_blocks_given_as_mappings_merge_onto_the_defaults():
+    direct = RomeHparams(target={"num_grad_steps": 3}, stats={"seed": 2})
+    built = create("rome", {"target": {"num_grad_steps": 3}, "stats": {"seed": 2}}).hparams
+    assert direct == built
+    assert (built.target.num_grad_steps, built.target.lr, built.stats.seed, built.stats.n_samples) == (3, 0.5, 2, 1000)
+    replaced = Rome(built, layer=1, target={"lr": 0.2}).hparams  # an instance plus overrides
+    assert (replaced.layer, replaced.target.lr, replaced.target.num_grad_steps, replaced.stats.seed) == (1, 0.2, 3, 2)
+    assert built.target.lr == 0.5 and built.layer == 5  # the instance itself is untouched
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,8 +152,8 @@ def test_rome_sequential_requests_and_editor_restore(tiny_gpt2):
 
 def test_rome_with_covariance(tiny, tmp_path):
     model, tok = tiny
-    algo = Rome(**FAST, mom2_adjustment=True, mom2_n_samples=40, mom2_seq_len=16, mom2_batch_size=8,
-                mom2_ridge=1e-2, stats_dir=str(tmp_path))
+    algo = Rome(**FAST, mom2_adjustment=True,
+                stats={"n_samples": 40, "seq_len": 16, "batch_size": 8, "ridge": 1e-2, "cache_dir": str(tmp_path)})
     report = algo.apply(model, tok, [REQ])
     assert algo.stats.computed == 1 and report.delta_norms
     algo.apply(model, tok, [REQ2])
@@ -180,7 +184,7 @@ def test_rome_smollm2_changes_mother_tongue_and_restores(smollm2):
     prompt = REQ.rewrite_prompt
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     assert _p(model, tok, prompt, "French") > _p(model, tok, prompt, "English")
-    algo = Rome(layer=5, v_num_grad_steps=25, context_template_length_params=[[5, 10], [10, 10]])
+    algo = Rome(layer=5, target={"num_grad_steps": 25}, templates={"length_params": [[5, 10], [10, 10]]})
     editor = Editor(model, tok, algo, probes=None, keep_original_weight=False)
     out = editor.edit(REQ)
     p_en, p_fr = _p(model, tok, prompt, "English"), _p(model, tok, prompt, "French")

@@ -29,8 +29,9 @@ from harness.snapshot import bit_equal, model_digest
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = ["experiment=smoke", "threads=1"]
 SEQ = ["experiment=smoke_sequential", "threads=1"]
-CASE_COLUMNS = {"run_id", "model", "algorithm", "case_id", "step", "point", "status", "error", "pre_s", "edit_s",
-                "probe_s", "restore_s", "snapshot_bytes", "delta_norm", "probe_versions"}
+CASE_COLUMNS = {"run_id", "model", "algorithm", "case_id", "subject", "prompt", "target_new", "target_true", "step",
+                "point", "status", "error", "batch_size", "time_pre_s", "time_edit_s", "time_probe_s",
+                "time_restore_s", "time_prepare_s", "snapshot_bytes", "delta_norm", "probe_versions"}
 # The CLI in a subprocess, with `direct` slowed down by SLOW_S seconds per call so a kill lands
 # mid-run (same config as an in-process run, which can then resume it).
 SLOW = """
@@ -143,7 +144,7 @@ def test_model_and_pre_measurements_are_reused(tmp_path: Path) -> None:
     run_in_process([*SMOKE, "data.limit=2"], tmp_path / "b", cache)
     assert cache.current.model is model
     a, b = pd.read_csv(tmp_path / "a" / "cases.csv"), pd.read_csv(tmp_path / "b" / "cases.csv")
-    assert (b["pre_s"] == 0).all()  # measured once, in run a
+    assert (b["time_pre_s"] == 0).all()  # measured once, in run a
     assert a["pre_efficacy_magnitude"].tolist() == b["pre_efficacy_magnitude"].tolist()
     with torch.no_grad():
         next(model.parameters()).add_(1.0)  # a model that is not its loaded self is reloaded

@@ -10,9 +10,9 @@ from harness.algorithms.base import (
     available,
     create,
     get_algorithm,
-    make_hparams,
     register,
 )
+from harness.algorithms.hparams import make_hparams
 
 # Built-in modules register themselves on import.
 _BUILTIN = ("none", "direct", "finetune", "lora", "rome", "memit", "alphaedit")

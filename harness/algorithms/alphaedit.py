@@ -1,4 +1,4 @@
-"""``alphaedit``: null-space constrained knowledge editing (Fang et al., ICLR 2025), ALGORITHMS.md §3.
+"""``alphaedit``: null-space constrained knowledge editing (Fang et al., ICLR 2025), docs/algorithms/alphaedit.md.
 
 MEMIT's targets, keys and residuals (memit.py), with the per-layer solve replaced by
 
@@ -49,13 +49,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class AlphaEditHparams(SpreadHparams):
-    """AlphaEdit: MEMIT's shared fields plus the projector threshold and the ridge α.
+    """AlphaEdit: MEMIT's shared fields (``SpreadHparams``, defaults SmolLM2-135M's) plus the projector
+    threshold and the ridge α.
 
     Attributes:
         nullspace_threshold: absolute eigenvalue threshold of C; directions below it form the
             null space the update may use (the paper's 2e-2).
-        l2: α, the ridge of the projected system (the repo's ``L2``: 10; EasyEdit's llama3: 1).
-        cache_projector: also cache P on disk beside C (``stats_dir``).
+        l2: α, the ridge of the projected system (the repo's ``L2``: 10).
+        cache_projector: also cache P on disk beside C (``stats.cache_dir``).
     """
 
     nullspace_threshold: float = 2e-2
@@ -122,7 +123,7 @@ class AlphaEdit(Memit):
                 self._put_projector(spec, layer, data["P"], int(data["kept"]))
                 log.info("%s layer %d: loaded P from %s", self.name, layer, path)
         todo = [layer for layer in missing if (spec.mlp_out, layer) not in self._proj]
-        covs = self.stats.get_many(model, tok, spec, todo, hp.stats_config()) if todo else {}
+        covs = self.stats.get_many(model, tok, spec, todo, hp.stats) if todo else {}
         for layer in todo:
             proj, kept = nullspace_projector(covs[layer], hp.nullspace_threshold)
             self._put_projector(spec, layer, proj, kept)
@@ -145,7 +146,7 @@ class AlphaEdit(Memit):
         return self._proj[(model_spec(model).mlp_out, layer)]
 
     def _projector_paths(self, model: nn.Module, spec: ModelSpec, layers: Sequence[int]) -> dict[int, Path]:
-        cfg, digest = self.hparams.stats_config(), model_digest(model)
+        cfg, digest = self.hparams.stats, model_digest(model)
         thr = f"{self.hparams.nullspace_threshold:.6g}"
         out = {}
         for layer in layers:

@@ -25,7 +25,6 @@ Third-party algorithms register through the entry-point group ``harness.algorith
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import re
@@ -36,6 +35,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from harness.algorithms.hparams import make_hparams
 from harness.types import EditReport, EditRequest
 
 log = logging.getLogger(__name__)
@@ -62,11 +62,11 @@ class EditAlgorithm:
     def __init__(self, hparams: Any = None, **overrides: Any) -> None:
         if hparams is None:
             hparams = {}
+        where = f"algorithm {self.name!r}"
         if isinstance(hparams, Mapping):
-            hparams = {**hparams, **overrides}
-            hparams = make_hparams(self.Hparams, hparams, where=f"algorithm {self.name!r}")
+            hparams = make_hparams(self.Hparams, {**hparams, **overrides}, where=where)
         elif overrides:
-            hparams = dataclasses.replace(hparams, **overrides)
+            hparams = make_hparams(self.Hparams, overrides, where=where, base=hparams)
         self.hparams = hparams
 
     # -- the contract ------------------------------------------------------------------------
@@ -100,17 +100,6 @@ class EditAlgorithm:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.hparams})"
-
-
-def make_hparams(cls: type, values: Mapping[str, Any], where: str = "hparams") -> Any:
-    """Build the dataclass ``cls`` from a mapping; an unknown key is an error that names it."""
-    if not dataclasses.is_dataclass(cls):
-        raise TypeError(f"{where}: Hparams must be a dataclass, got {cls!r}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise TypeError(f"{where}: unknown hyperparameter(s) {unknown}; known: {sorted(known)}")
-    return cls(**dict(values))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ log-probabilities of *all* target tokens are read at the last prompt token (a ba
 objective, the anchor's quirk kept on purpose), Adam, and an L-infinity clamp around the original
 weights after every step. FT-M is EasyEdit's ``target_new`` objective (Zhang et al. 2024, "A
 Comprehensive Study of Knowledge Editing for Large Language Models"): teacher-forced cross-entropy
-on the target tokens of ``prompt + " " + target`` only. ALGORITHMS.md §4 is the spec.
+on the target tokens of ``prompt + " " + target`` only. docs/algorithms/ft.md describes both.
 
 Both differ from the anchors where the anchors are fragile: the label mask is exact (``batches.py``)
 rather than derived from padding, so the anchor's UNK mask (which only dropped padding) is not
@@ -102,7 +102,7 @@ def input_device(model: nn.Module) -> torch.device:
 
 @dataclass
 class FTHparams:
-    """Hyperparameters of FT-L and FT-M (ALGORITHMS.md §4).
+    """Hyperparameters of FT-L and FT-M (docs/algorithms/ft.md).
 
     Attributes:
         layers: layers whose MLP output projection is trained.

@@ -1,11 +1,11 @@
-"""Locate-then-edit building blocks shared by ROME, MEMIT and AlphaEdit (ALGORITHMS.md §0-2).
+"""Locate-then-edit building blocks shared by ROME, MEMIT and AlphaEdit (docs/algorithms/locate.md).
 
 Meng et al. 2022 ("Locating and Editing Factual Associations in GPT", ROME), Meng et al. 2023
 ("Mass-Editing Memory in a Transformer", MEMIT), Gupta et al. 2024 ("Rebuilding ROME").
 
 * ``subject_last_index``: the token index of the subject's last piece (cumulative encodings).
-* ``generate_context_templates`` / ``TemplateCache``: random prefixes ``"<text>. {}"`` sampled
-  (top-k 5, fixed seed) from the unedited model.
+* ``generate_context_templates`` / ``TemplateCache`` (settings: ``TemplateHparams``): random
+  prefixes ``"<text>. {}"`` sampled (top-k 5, fixed seed) from the unedited model.
 * ``compute_keys``: the input of the MLP output projection ("key") at the subject's last token,
   averaged over templates (flat list, or groups averaged within then across).
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -49,7 +50,7 @@ def fill_template(template: str, prompt: str) -> str:
 def subject_last_index(tok: Any, text_template: str, subject: str) -> int:
     """Index of the subject's last token in ``tok(text_template with subject)["input_ids"]``.
 
-    Cumulative method of ALGORITHMS.md §0: for ``A{}B`` the index is ``len(enc(A + subject)) - 1``,
+    Cumulative method of docs/algorithms/locate.md: for ``A{}B`` the index is ``len(enc(A + subject)) - 1``,
     which counts a BOS the same way the full encoding does. Checked by decoding: ``enc(A+subject)``
     must be a prefix of the full encoding. When the tokenizer merges the subject's end with the
     suffix, the token that holds the subject's last character is taken instead (a warning).
@@ -98,7 +99,7 @@ def _counts(count: int, n: int) -> list[int]:
 @torch.no_grad()
 def generate_context_templates(model: nn.Module, tok: Any, length_params: Sequence[Sequence[int]], seed: int = 0,
                                seed_words: Sequence[str] = SEED_WORDS, top_k: int = 5) -> list[str]:
-    """Random-prefix templates ``["{}", "<text>. {}", ...]`` sampled from ``model`` (ALGORITHMS.md §0).
+    """Random-prefix templates ``["{}", "<text>. {}", ...]`` sampled from ``model`` (docs/algorithms/locate.md).
 
     For each ``(length, count)`` pair, ``count`` texts of ``length`` tokens in total (the seed word
     and any BOS included, as in ROME's ``generate_fast``) are sampled with top-k sampling; the seed
@@ -136,6 +137,30 @@ def _model_signature(model: nn.Module) -> tuple:
     cfg = getattr(model, "config", None)
     return (type(model).__name__, getattr(cfg, "name_or_path", None), getattr(cfg, "vocab_size", None),
             num_layers(model), getattr(cfg, "hidden_size", getattr(cfg, "n_embd", None)))
+
+
+def _rome_length_params() -> list[list[int]]:
+    return [[5, 10], [10, 10]]
+
+
+@dataclass
+class TemplateHparams:
+    """Which context templates an algorithm samples (``generate_context_templates``).
+
+    Attributes:
+        length_params: ``[[length, count], ...]``: per pair, ``count`` texts of ``length`` tokens;
+            the default ``[[5, 10], [10, 10]]`` (ROME's) gives 1 + 10 + 10 = 21 templates.
+        seed: seed of the sampling.
+    """
+
+    length_params: list[list[int]] = field(default_factory=_rome_length_params)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.length_params = [[int(x) for x in p] for p in self.length_params]
+        if any(len(p) != 2 or p[0] < 1 or p[1] < 0 for p in self.length_params):
+            raise ValueError("templates.length_params must be [[length >= 1, count >= 0], ...], "
+                             f"got {self.length_params}")
 
 
 class TemplateCache:

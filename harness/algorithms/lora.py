@@ -1,5 +1,5 @@
 """``lora``: low-rank adapters (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models")
-trained on the edit, then merged into the base weights (ALGORITHMS.md §4; EasyEdit ``lora_main``).
+trained on the edit, then merged into the base weights (docs/algorithms/lora.md; EasyEdit ``lora_main``).
 
 Our own small LoRA layer replaces PEFT: ``LoraLayer`` wraps an ``nn.Linear``, an ``nn.Embedding``
 or a GPT-2 ``Conv1D`` and adds ``(alpha / r) * B @ A`` to its weight, with ``A`` [r, d_in] random

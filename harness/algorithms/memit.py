@@ -1,4 +1,4 @@
-"""``memit``: Mass-Editing Memory in a Transformer (Meng et al., ICLR 2023), ALGORITHMS.md §2.
+"""``memit``: Mass-Editing Memory in a Transformer (Meng et al., ICLR 2023), docs/algorithms/memit.md.
 
 One ``apply`` edits a batch of n requests across layers ``l_1 < ... < l_L``:
 
@@ -35,14 +35,15 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
 
 from harness.algorithms.base import EditAlgorithm, register, write_deltas
 from harness.algorithms.hooks import model_device, module_output
-from harness.algorithms.locate import TemplateCache, compute_keys, subject_last_index
+from harness.algorithms.hparams import build_blocks
+from harness.algorithms.locate import TemplateCache, TemplateHparams, compute_keys, subject_last_index
 from harness.algorithms.solve import as_map, key_residual, memit_delta, to_param_layout
 from harness.algorithms.stats import StatsCache, StatsConfig
 from harness.algorithms.target import TargetHparams, optimize_targets
@@ -58,48 +59,44 @@ def _default_layers() -> list[int]:
     return [3, 4, 5, 6, 7]
 
 
+def _default_stats() -> StatsConfig:
+    # 256 x 128 tokens = 32.8k keys per layer, 21x SmolLM2's d_ff (conf/algorithm/memit.yaml).
+    return StatsConfig(n_samples=256)
+
+
+def _default_templates() -> TemplateHparams:
+    # MEMIT's second group: 5 samples of 10 tokens (the first group is the bare "{}").
+    return TemplateHparams(length_params=[[10, 5]])
+
+
 @dataclass
 class SpreadHparams:
-    """Fields MEMIT and AlphaEdit share: layers, the z optimisation, templates, statistics C.
+    """Fields MEMIT and AlphaEdit share. The defaults are SmolLM2-135M's tuned values (the default
+    model; evidence in conf/algorithm/memit.yaml); other model families change some of them in
+    conf/algorithm_family/<algorithm>/<family>.yaml.
 
     Attributes:
         layers: edited layers, strictly increasing; z is optimised at the block output of the last.
-        v_num_grad_steps, v_lr, v_weight_decay, clamp_norm_factor, kl_factor, v_loss_layer,
-        v_early_stop_loss: the z optimisation (``target.TargetHparams``; ALGORITHMS.md §1 step 2
-            with the §2 differences); ``v_loss_layer`` None means the last layer.
-        context_template_length, context_template_count: the second template group (``count``
-            samples of ``length`` tokens); the first group is the bare ``"{}"``.
-        template_seed: seed of the template sampling.
-        mom2_source, mom2_n_samples, mom2_seq_len, mom2_batch_size, mom2_dtype, mom2_seed,
-        stats_dir: ``stats.StatsConfig`` of C = E[k kᵀ] (count-normalised).
         fast_path: run the prompts up to the subject once (KV cache) and, each step, only the tokens
             from the subject on (same result).
         z_batch_size: requests whose z are optimised together in one batch (same result as one at a
             time; larger is faster and takes more memory).
+        target: the z optimisation (``target.TargetHparams``; docs/algorithms/target-optimisation.md, with MEMIT's
+            differences); ``loss_layer`` None means the last layer.
+        stats: ``stats.StatsConfig`` of C = E[k kᵀ] (count-normalised; ``ridge`` is not used here).
+        templates: ``locate.TemplateHparams`` of the second template group (all samples of
+            ``length_params``; the first group is the bare ``"{}"``), MEMIT's ``[[10, 5]]``.
     """
 
     layers: list[int] = field(default_factory=_default_layers)
-    v_num_grad_steps: int = 25
-    v_lr: float = 0.5
-    v_weight_decay: float = 1e-3
-    clamp_norm_factor: float = 4.0
-    kl_factor: float = 0.0625
-    v_loss_layer: Optional[int] = None
-    v_early_stop_loss: float = 5e-2
-    context_template_length: int = 10
-    context_template_count: int = 5
-    template_seed: int = 0
-    mom2_source: str = "model"
-    mom2_n_samples: int = 1000
-    mom2_seq_len: int = 128
-    mom2_batch_size: int = 16
-    mom2_dtype: str = "float32"
-    mom2_seed: int = 0
-    stats_dir: Optional[str] = None
     fast_path: bool = True
     z_batch_size: int = 16
+    target: TargetHparams = field(default_factory=TargetHparams)
+    stats: StatsConfig = field(default_factory=_default_stats)
+    templates: TemplateHparams = field(default_factory=_default_templates)
 
     def __post_init__(self) -> None:
+        build_blocks(self)
         self.layers = [int(x) for x in self.layers]
         if self.z_batch_size < 1:
             raise ValueError(f"z_batch_size must be >= 1, got {self.z_batch_size}")
@@ -107,29 +104,16 @@ class SpreadHparams:
             raise ValueError("layers must name at least one layer")
         if self.layers[0] < 0 or any(b <= a for a, b in zip(self.layers, self.layers[1:])):
             raise ValueError(f"layers must be non-negative and strictly increasing, got {self.layers}")
-        if self.v_loss_layer is not None and self.v_loss_layer < self.layers[-1]:
-            raise ValueError(f"v_loss_layer ({self.v_loss_layer}) must be >= the last edit layer")
-        if self.context_template_length < 1 or self.context_template_count < 0:
-            raise ValueError("context_template_length must be >= 1 and context_template_count >= 0")
-        self.target_hparams()  # validates the optimisation fields
-        self.stats_config()  # validates the statistics fields
-
-    def target_hparams(self) -> TargetHparams:
-        return TargetHparams(num_grad_steps=self.v_num_grad_steps, lr=self.v_lr, weight_decay=self.v_weight_decay,
-                             clamp_norm_factor=self.clamp_norm_factor, kl_factor=self.kl_factor,
-                             loss_layer=self.v_loss_layer, early_stop_loss=self.v_early_stop_loss)
-
-    def stats_config(self) -> StatsConfig:
-        return StatsConfig(source=self.mom2_source, n_samples=self.mom2_n_samples, seq_len=self.mom2_seq_len,
-                           batch_size=self.mom2_batch_size, dtype=self.mom2_dtype, seed=self.mom2_seed,
-                           cache_dir=self.stats_dir)
+        if self.target.loss_layer is not None and self.target.loss_layer < self.layers[-1]:
+            raise ValueError(f"target.loss_layer ({self.target.loss_layer}) must be >= the last edit layer")
 
 
 @dataclass
 class MemitHparams(SpreadHparams):
-    """MEMIT: the shared fields plus ``mom2_update_weight`` λ, the weight of λ·tr(ΔCΔᵀ)."""
+    """MEMIT: the shared fields plus ``mom2_update_weight`` λ, the weight of λ·tr(ΔCΔᵀ) (the anchors'
+    15000 for Llama, 20000 for GPT-2 XL; 2000 for SmolLM2, conf/algorithm/memit.yaml)."""
 
-    mom2_update_weight: float = 15000.0
+    mom2_update_weight: float = 2000.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -180,7 +164,7 @@ class Memit(EditAlgorithm):
         """
         self._check_layers(model)
         self._context_templates(model, tok)
-        self.stats.get_many(model, tok, model_spec(model), self.hparams.layers, self.hparams.stats_config())
+        self.stats.get_many(model, tok, model_spec(model), self.hparams.layers, self.hparams.stats)
 
     def apply(self, model: nn.Module, tok: Any, requests: Sequence[EditRequest]) -> EditReport:
         t_start = time.perf_counter()
@@ -230,7 +214,7 @@ class Memit(EditAlgorithm):
     def _layer_delta(self, model: nn.Module, tok: Any, spec: ModelSpec, layer: int, keys: torch.Tensor,
                      resid: torch.Tensor) -> torch.Tensor:
         """Δ_i [d, d_ff] float64 for one layer: MEMIT's solve against λC_i."""
-        cov = self.stats.get(model, tok, spec, layer, self.hparams.stats_config())
+        cov = self.stats.get(model, tok, spec, layer, self.hparams.stats)
         return memit_delta(keys, resid, cov, self.hparams.mom2_update_weight)
 
     def _after_batch(self, model: nn.Module, tok: Any, spec: ModelSpec, requests: Sequence[EditRequest],
@@ -241,26 +225,25 @@ class Memit(EditAlgorithm):
     def _check_layers(self, model: nn.Module) -> None:
         n = num_layers(model)
         bad = [x for x in self.hparams.layers if x >= n]
-        if bad or (self.hparams.v_loss_layer is not None and self.hparams.v_loss_layer >= n):
-            raise ValueError(f"{self.name}: layers {bad or [self.hparams.v_loss_layer]} do not exist; "
+        loss_layer = self.hparams.target.loss_layer
+        if bad or (loss_layer is not None and loss_layer >= n):
+            raise ValueError(f"{self.name}: layers {bad or [loss_layer]} do not exist; "
                              f"the model has {n} layers")
 
     def _context_templates(self, model: nn.Module, tok: Any) -> list[list[str]]:
         """MEMIT's two groups ``[["{}"], [samples]]`` (one group when no samples are asked for)."""
         hp = self.hparams
-        flat = self.templates.get(model, tok, [[hp.context_template_length, hp.context_template_count]],
-                                  hp.template_seed)
+        flat = self.templates.get(model, tok, hp.templates.length_params, hp.templates.seed)
         return [flat[:1], flat[1:]] if len(flat) > 1 else [flat]
 
     def _optimize_z(self, model: nn.Module, tok: Any, spec: ModelSpec, requests: Sequence[EditRequest],
                     templates: list[list[str]]) -> tuple[torch.Tensor, dict[str, float]]:
         """Z [d, n]: the optimised block-output targets at the last layer, and loss summaries."""
         hp = self.hparams
-        thp = hp.target_hparams()
         cols, start, end = [], [], []
         for i in range(0, len(requests), hp.z_batch_size):
             chunk = requests[i:i + hp.z_batch_size]
-            for req, res in zip(chunk, optimize_targets(model, tok, spec, chunk, hp.layers[-1], thp, templates,
+            for req, res in zip(chunk, optimize_targets(model, tok, spec, chunk, hp.layers[-1], hp.target, templates,
                                                         where="block", fast=hp.fast_path)):
                 cols.append(res.target.float())
                 start.append(res.losses[0])

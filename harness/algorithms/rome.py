@@ -1,4 +1,4 @@
-"""``rome``: Rank-One Model Editing (Meng et al. 2022) with the r-ROME fix (Gupta et al. 2024), ALGORITHMS.md §1.
+"""``rome``: Rank-One Model Editing (Meng et al. 2022) with the r-ROME fix (Gupta et al. 2024), docs/algorithms/rome.md.
 
 One request edits the MLP output projection ``W`` (``v = W k``) of one layer with a rank-one update:
 
@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from harness.algorithms.base import EditAlgorithm, register, write_deltas
-from harness.algorithms.locate import TemplateCache, compute_keys
+from harness.algorithms.hparams import build_blocks
+from harness.algorithms.locate import TemplateCache, TemplateHparams, compute_keys
 from harness.algorithms.solve import as_map, key_residual, to_param_layout
 from harness.algorithms.stats import StatsCache, StatsConfig
 from harness.algorithms.target import TargetHparams, optimize_target
@@ -50,71 +51,37 @@ log = logging.getLogger(__name__)
 KEY_MODES = ("r_rome", "original", "prompt")
 
 
-def _default_length_params() -> list[list[int]]:
-    return [[5, 10], [10, 10]]
-
-
 @dataclass
 class RomeHparams:
-    """ROME / r-ROME hyperparameters (defaults: SmolLM2-135M; see conf/algorithm/rome.yaml).
+    """ROME / r-ROME hyperparameters. The defaults are SmolLM2-135M's tuned values (the default model;
+    evidence in conf/algorithm/rome.yaml); other model families change some of them in
+    conf/algorithm_family/rome/<family>.yaml.
 
     Attributes:
         layer: the edited layer.
-        v_num_grad_steps, v_lr, v_weight_decay, clamp_norm_factor, kl_factor, v_loss_layer: the
-            target optimisation (``locate.TargetHparams``); ``v_loss_layer`` None = last layer.
-        context_template_length_params: ``[[length, count], ...]`` of sampled context templates.
-        template_seed: seed of the template sampling.
         key_mode: ``r_rome`` | ``original`` | ``prompt`` (module docstring).
         mom2_adjustment: use ``u ∝ C⁻¹k`` (else ``u ∝ k``, EasyEdit's default).
-        mom2_source, mom2_n_samples, mom2_seq_len, mom2_batch_size, mom2_dtype, mom2_ridge,
-            mom2_seed, stats_dir: ``stats.StatsConfig`` of C (used only with ``mom2_adjustment``).
         fast_path: run the prompts up to the subject once (KV cache) and, each step, only the tokens
             from the subject on (same result).
+        target: the v* optimisation (``target.TargetHparams``; ``loss_layer`` None = last layer).
+        stats: where C comes from (``stats.StatsConfig``; used only with ``mom2_adjustment``).
+        templates: the context templates (``locate.TemplateHparams``, ROME's ``[[5, 10], [10, 10]]``).
     """
 
     layer: int = 5
-    v_num_grad_steps: int = 25
-    v_lr: float = 0.5
-    v_weight_decay: float = 1e-3
-    clamp_norm_factor: float = 4.0
-    kl_factor: float = 0.0625
-    v_loss_layer: Optional[int] = None
-    context_template_length_params: list[list[int]] = field(default_factory=_default_length_params)
-    template_seed: int = 0
     key_mode: str = "r_rome"
     mom2_adjustment: bool = False
-    mom2_source: str = "model"
-    mom2_n_samples: int = 1000
-    mom2_seq_len: int = 128
-    mom2_batch_size: int = 16
-    mom2_dtype: str = "float32"
-    mom2_ridge: float = 1e-3
-    mom2_seed: int = 0
-    stats_dir: Optional[str] = None
     fast_path: bool = True
+    target: TargetHparams = field(default_factory=TargetHparams)
+    stats: StatsConfig = field(default_factory=StatsConfig)
+    templates: TemplateHparams = field(default_factory=TemplateHparams)
 
     def __post_init__(self) -> None:
+        build_blocks(self)
         if self.layer < 0:
             raise ValueError(f"layer must be >= 0, got {self.layer}")
         if self.key_mode not in KEY_MODES:
             raise ValueError(f"key_mode={self.key_mode!r} is not one of {KEY_MODES}")
-        self.context_template_length_params = [[int(x) for x in p] for p in self.context_template_length_params]
-        if any(len(p) != 2 or p[0] < 1 or p[1] < 0 for p in self.context_template_length_params):
-            raise ValueError("context_template_length_params must be [[length >= 1, count >= 0], ...], "
-                             f"got {self.context_template_length_params}")
-        self.target_hparams()  # validates the optimisation fields
-        if self.mom2_adjustment:
-            self.stats_config()  # validates the statistics fields
-
-    def target_hparams(self) -> TargetHparams:
-        return TargetHparams(num_grad_steps=self.v_num_grad_steps, lr=self.v_lr, weight_decay=self.v_weight_decay,
-                             clamp_norm_factor=self.clamp_norm_factor, kl_factor=self.kl_factor,
-                             loss_layer=self.v_loss_layer)
-
-    def stats_config(self) -> StatsConfig:
-        return StatsConfig(source=self.mom2_source, n_samples=self.mom2_n_samples, seq_len=self.mom2_seq_len,
-                           batch_size=self.mom2_batch_size, dtype=self.mom2_dtype, ridge=self.mom2_ridge,
-                           seed=self.mom2_seed, cache_dir=self.stats_dir)
 
 
 def rank_one_update(weight: torch.Tensor, bias: Optional[torch.Tensor], u: torch.Tensor, key: torch.Tensor,
@@ -168,7 +135,7 @@ class Rome(EditAlgorithm):
         before resuming a sequential run from a checkpoint."""
         self._templates(model, tok)
         if self.hparams.mom2_adjustment:
-            self.stats.solver(model, tok, model_spec(model), self.hparams.layer, self.hparams.stats_config())
+            self.stats.solver(model, tok, model_spec(model), self.hparams.layer, self.hparams.stats)
 
     def apply(self, model: nn.Module, tok: Any, requests: Sequence[EditRequest]) -> EditReport:
         t_start = time.perf_counter()
@@ -207,7 +174,7 @@ class Rome(EditAlgorithm):
     # ------------------------------------------------------------------------------------------
     def _templates(self, model: nn.Module, tok: Any) -> list[str]:
         hp = self.hparams
-        return self.templates.get(model, tok, hp.context_template_length_params, hp.template_seed)
+        return self.templates.get(model, tok, hp.templates.length_params, hp.templates.seed)
 
     def _edit_one(self, model: nn.Module, tok: Any, spec: ModelSpec, req: EditRequest, templates: list[str],
                   declared: set[str], timings: dict[str, float]) -> dict[str, float]:
@@ -217,14 +184,14 @@ class Rome(EditAlgorithm):
         k0 = compute_keys(model, tok, spec, hp.layer, [req], ["{}"])[0] if hp.key_mode != "r_rome" else k_bar
         k_u = k0 if hp.key_mode == "prompt" else k_bar
         if hp.mom2_adjustment:
-            u = self.stats.solver(model, tok, spec, hp.layer, hp.stats_config())(k_u)
+            u = self.stats.solver(model, tok, spec, hp.layer, hp.stats)(k_u)
         else:
             u = k_u.to(torch.float64)
         u = u / u.norm()
         timings["t_keys"] += time.perf_counter() - t
 
         t = time.perf_counter()
-        res = optimize_target(model, tok, spec, req, hp.layer, hp.target_hparams(), templates, where="mlp",
+        res = optimize_target(model, tok, spec, req, hp.layer, hp.target, templates, where="mlp",
                               fast=hp.fast_path)
         timings["t_v"] += time.perf_counter() - t
         timings["t_v_loop"] = timings.get("t_v_loop", 0.0) + res.seconds["loop"]

@@ -1,8 +1,9 @@
 """The closed-form weight solves of MEMIT and AlphaEdit, as pure functions on tensors.
 
-Notation follows ALGORITHMS.md §2-3: the edited map is ``v = W k`` with ``W`` of shape
-[d, d_ff]; ``K`` [d_ff, n] holds one key per column, ``R`` [d, n] the residual each key's value
-must move by, ``C`` [d_ff, d_ff] the count-normalised second moment E[k kᵀ] of preserved keys.
+Notation follows docs/algorithms/memit.md and docs/algorithms/alphaedit.md: the edited map is
+``v = W k`` with ``W`` of shape [d, d_ff]; ``K`` [d_ff, n] holds one key per column, ``R`` [d, n]
+the residual each key's value must move by, ``C`` [d_ff, d_ff] the count-normalised second moment
+E[k kᵀ] of preserved keys.
 
 * MEMIT (Meng et al. 2023, "Mass-Editing Memory in a Transformer"):
   ``Δ = R Kᵀ (λC + K Kᵀ)⁻¹``, the minimiser of ``‖ΔK − R‖² + λ tr(Δ C Δᵀ)``.

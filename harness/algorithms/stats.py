@@ -1,4 +1,5 @@
-"""Second-moment statistics of MLP keys, C = E[k kᵀ], for ROME, MEMIT and AlphaEdit (ALGORITHMS.md §0).
+"""Second-moment statistics of MLP keys, C = E[k kᵀ], for ROME, MEMIT and AlphaEdit
+(docs/algorithms/key-statistics.md).
 
 ``k`` is the input of the MLP output projection (``spec.mlp_out``) at one layer; C is uncentered,
 accumulated over every non-pad token of a corpus and divided by the token count (as ROME's

@@ -1,8 +1,8 @@
 """The target vector of ROME (v*: δ on an MLP output) and MEMIT/AlphaEdit (z: δ on a block output).
 
-ALGORITHMS.md §1 step 2 (Meng et al. 2022, "Locating and Editing Factual Associations in GPT") and
-its §2 variant (Meng et al. 2023, "Mass-Editing Memory in a Transformer"). ``optimize_targets``
-runs, and this module reads, in this order:
+docs/algorithms/target-optimisation.md: ROME's v* (Meng et al. 2022, "Locating and Editing Factual
+Associations in GPT") and its MEMIT variant (Meng et al. 2023, "Mass-Editing Memory in a
+Transformer"). ``optimize_targets`` runs, and this module reads, in this order:
 
 1. the rows (``target_rows.build_rows``): per request, one row per context template,
    ``template(prompt) + target[:-1]``, and one KL row ``"{subject} is a"``; δ goes at the subject's
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TargetHparams:
-    """Settings of the target optimisation (ALGORITHMS.md §1 step 2; §2 for ``where="block"``).
+    """Settings of the target optimisation (docs/algorithms/target-optimisation.md).
 
     Attributes:
         num_grad_steps: loop iterations; the last one only evaluates (at most N-1 Adam steps).

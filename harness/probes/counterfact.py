@@ -2,7 +2,7 @@
 Associations in GPT", ``experiments/py/eval_utils_counterfact.py`` and ``summarize.py``).
 
 Per request, from the scorer's per-token geometric-mean probabilities ``P(y|x) = exp(-NLL)``
-(ALGORITHMS.md 5.1/5.2):
+(docs/metrics/counterfact.md):
 
 - ``efficacy_score`` = 1[P(o*|rewrite) > P(o|rewrite)], ``efficacy_magnitude`` = P(o*) - P(o);
 - ``paraphrase_score`` / ``paraphrase_magnitude``: the same, averaged over the paraphrase prompts;
@@ -12,29 +12,41 @@ Per request, from the scorer's per-token geometric-mean probabilities ``P(y|x) =
   per-case rows do not carry it (a per-case harmonic mean is 0 whenever one indicator is 0, and its
   mean is not the paper's number); ``summarize`` computes it from the three means.
 
+Units: scores are fractions of cases (or of a case's prompts), magnitudes differences of
+probabilities; higher is better for all of them (neighbourhood magnitudes are P(true) - P(new)).
+
 Values are fractions in [0, 1] (magnitudes in [-1, 1]); the paper's tables multiply by 100.
 Comparisons are strict, so ties count as failures. Missing inputs give NaN: no ``target_true``
 for efficacy and paraphrase, no paraphrases, no neighbourhood.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
-from harness.probes.base import MetricInfo
+from typing import Any
+
+from harness.probes.base import MetricInfo, ProbeFamily
+from harness.probes.registry import register_probe
 from harness.probes.scorer import Pair, PairScore
+from harness.probes.summary import harmonic_mean
 from harness.types import EditRequest
 
 PROTOCOL = "counterfact"
 VERSION = 1
 COMPONENTS = ("efficacy_score", "paraphrase_score", "neighborhood_score")
 
-INFOS: dict[str, MetricInfo] = {
-    name: MetricInfo(name, PROTOCOL, VERSION)
-    for name in ("efficacy_score", "efficacy_magnitude", "paraphrase_score", "paraphrase_magnitude",
-                 "neighborhood_score", "neighborhood_magnitude")
-}
-INFOS["score"] = MetricInfo("score", PROTOCOL, VERSION, aggregate="hmean", inputs=COMPONENTS)
+
+def _info(name: str, unit: str = "fraction", **kw: Any) -> MetricInfo:
+    bounds = (-1.0, 1.0) if unit == "probability" else (0.0, 1.0)
+    return MetricInfo(name, PROTOCOL, VERSION, unit=unit, bounds=bounds, headline=unit == "fraction", **kw)
+
+
+INFOS: dict[str, MetricInfo] = {info.name: info for info in (
+    _info("efficacy_score"), _info("efficacy_magnitude", "probability"),
+    _info("paraphrase_score"), _info("paraphrase_magnitude", "probability"),
+    _info("neighborhood_score"), _info("neighborhood_magnitude", "probability"),
+    _info("score", aggregate="hmean", inputs=COMPONENTS),
+)}
 
 NAN = float("nan")
 
@@ -96,10 +108,19 @@ def compute(request: EditRequest, scores: Mapping[Pair, PairScore], wanted: set[
     return {k: v for k, v in out.items() if k in wanted}
 
 
-def harmonic_mean(values: list[float]) -> float:
-    """Harmonic mean; 0 when any value is 0, NaN when any is NaN or the list is empty."""
-    if not values or any(math.isnan(v) for v in values):
-        return NAN
-    if any(v <= 0 for v in values):
-        return 0.0
-    return len(values) / sum(1.0 / v for v in values)
+@register_probe("counterfact")
+class CounterFact(ProbeFamily):
+    """The CounterFact probability metrics (scores, magnitudes, and the ``score`` aggregate)."""
+
+    METRICS = tuple(INFOS.values())
+    default = True
+
+    def pairs(self, request: EditRequest) -> list[Pair]:
+        return pairs(request, set(self.wanted))
+
+    def compute(self, request: EditRequest, scores: Mapping[Pair, PairScore], generated: Any,
+                reference: Mapping[str, Any] | None) -> tuple[dict[str, float], dict[str, Any]]:
+        return compute(request, scores, set(self.wanted)), {}
+
+
+__all__ = ["COMPONENTS", "INFOS", "CounterFact", "compute", "harmonic_mean", "pairs"]

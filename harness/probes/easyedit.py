@@ -2,9 +2,9 @@
 Editing Framework for Large Language Models", ``easyeditor/evaluate/evaluate_utils.py``).
 
 For a pair ``(prompt, target)`` the accuracy is the fraction of target tokens that equal the model's
-argmax at the position predicting them (teacher forcing on ``prompt + " " + target``; ALGORITHMS.md
-5.3). The offsets come from the scorer's difference method, not from pad counts, so they are right
-whatever the padding side.
+argmax at the position predicting them (teacher forcing on ``prompt + " " + target``;
+docs/metrics/easyedit.md). The offsets come from the scorer's difference method, not from pad
+counts, so they are right whatever the padding side.
 
 - ``rewrite_acc``: (rewrite prompt, target_new);
 - ``rephrase_acc``: mean over paraphrase prompts of (paraphrase, target_new);
@@ -14,14 +14,16 @@ whatever the padding side.
   averaged over the QAs. Without a reference the model is compared with itself (1.0). The argmax
   lists are stored in ``Measurement.extras`` under ``locality_argmax`` for a later comparison.
 
-Missing inputs (no paraphrase, neighbourhood or portability prompts) give NaN.
+Missing inputs (no paraphrase, neighbourhood or portability prompts) give NaN. All four are
+fractions of target tokens; higher is better.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
-from harness.probes.base import MetricInfo
+from harness.probes.base import MetricInfo, ProbeFamily
+from harness.probes.registry import register_probe
 from harness.probes.scorer import Pair, PairScore
 from harness.types import EditRequest
 
@@ -30,7 +32,7 @@ VERSION = 1
 LOCALITY_KEY = "locality_argmax"
 
 INFOS: dict[str, MetricInfo] = {
-    name: MetricInfo(name, PROTOCOL, VERSION)
+    name: MetricInfo(name, PROTOCOL, VERSION, unit="fraction", bounds=(0.0, 1.0))
     for name in ("rewrite_acc", "rephrase_acc", "locality_acc", "portability_acc")
 }
 
@@ -102,3 +104,18 @@ def compute(request: EditRequest, scores: Mapping[Pair, PairScore], wanted: set[
                                  f"request has {len(now)}")
         out["locality_acc"] = _mean([_agreement(a, b) for a, b in zip(now, pre)])
     return out, extras
+
+
+@register_probe("easyedit")
+class EasyEdit(ProbeFamily):
+    """EasyEdit's token accuracies; ``locality_acc`` compares with the reference's argmax tokens."""
+
+    METRICS = tuple(INFOS.values())
+    default = True
+
+    def pairs(self, request: EditRequest) -> list[Pair]:
+        return pairs(request, set(self.wanted))
+
+    def compute(self, request: EditRequest, scores: Mapping[Pair, PairScore], generated: Any,
+                reference: Mapping[str, Any] | None) -> tuple[dict[str, float], dict[str, Any]]:
+        return compute(request, scores, set(self.wanted), reference)

@@ -1,10 +1,11 @@
 """Generation fluency: weighted n-gram entropy of sampled text (ROME paper, Meng et al. 2022, "GE";
-``experiments/py/eval_utils_counterfact.py::n_gram_entropy``; ALGORITHMS.md 5.4).
+``experiments/py/eval_utils_counterfact.py::n_gram_entropy``; docs/metrics/fluency.md).
 
 Per text, with words from a regex tokenizer and relative n-gram frequencies ``f``:
 ``H_n = -sum f log2 f`` for n in {2, 3}, and ``GE = mean(2/3 H_2, 4/3 H_3) = H_2/3 + 2 H_3/3``;
 a request's ``fluency`` is the mean over its texts (0 for a text too short to hold an n-gram, as in
-the anchor). The paper reports GE x 100 (about 620 for GPT-2 XL with 100 new tokens); we keep bits.
+the anchor). The paper reports GE x 100 (about 620 for GPT-2 XL with 100 new tokens); we keep bits
+(unit ``bits``, higher is better, unbounded).
 
 Differences from the anchor, on purpose (cheapness, no extra dependency):
 - words come from the regex ``\\w+|[^\\w\\s]`` (runs of word characters, and each punctuation mark
@@ -23,16 +24,19 @@ import math
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from harness.probes.base import MetricInfo
+from harness.probes.base import MetricInfo, ProbeFamily
+from harness.probes.registry import register_probe
 from harness.tokens import pad_batch, pad_id
 from harness.types import EditRequest
 
-INFOS = {"fluency": MetricInfo("fluency", "generation", 1)}
+INFOS = {"fluency": MetricInfo("fluency", "generation", 1, unit="bits")}
 
 _WORD = re.compile(r"\w+|[^\w\s]")
 
@@ -101,3 +105,42 @@ def measure(model: nn.Module, tok, requests: Sequence[EditRequest], max_new_toke
         out.append(sum(generation_entropy(t) for t in texts[i:i + len(ps)]) / len(ps))
         i += len(ps)
     return out
+
+
+@dataclass
+class FluencySettings:
+    """Settings of the ``fluency`` family.
+
+    Attributes:
+        max_new_tokens: tokens generated per prompt.
+        max_prompts: generation prompts used per request (None: all of them).
+    """
+
+    max_new_tokens: int = 32
+    max_prompts: Optional[int] = 2
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"fluency: max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.max_prompts is not None and self.max_prompts < 0:
+            raise ValueError(f"fluency: max_prompts must be >= 0 or None, got {self.max_prompts}")
+
+
+@register_probe("fluency")
+class Fluency(ProbeFamily):
+    """Generation entropy of seeded samples; off unless named (the slow family). One random stream
+    per call, so a request's samples depend on the batch it is generated in."""
+
+    METRICS = tuple(INFOS.values())
+    Settings = FluencySettings
+    batch_invariant = False
+
+    def generate(self, model: nn.Module, tok, requests: Sequence[EditRequest]) -> list[float] | None:
+        if not self.wanted:
+            return None
+        s = self.settings
+        return measure(model, tok, requests, s.max_new_tokens, self.batch_size, self.seed, s.max_prompts)
+
+    def compute(self, request: EditRequest, scores: Mapping, generated: Any,
+                reference: Mapping[str, Any] | None) -> tuple[dict[str, float], dict[str, Any]]:
+        return ({"fluency": generated} if "fluency" in self.wanted else {}), {}

@@ -4,7 +4,7 @@ This is the one forward-pass engine behind both evaluation protocols: the probab
 ROME (Meng et al. 2022, "Locating and Editing Factual Associations in GPT", ``test_batch_prediction``)
 and EasyEdit's teacher-forced token accuracy (Wang et al. 2024, ``test_prediction_acc``). For a pair
 ``(x, y)`` the model reads ``x + " " + y`` and we keep, for every target token ``y_j``, its log-prob
-and the argmax token at the position that predicts it (ALGORITHMS.md 5.1 and 5.3).
+and the argmax token at the position that predicts it (docs/metrics/scoring.md).
 
 Tokenization: ``harness.tokens.encode_pairs`` (the difference method, ``ids(x + " " + y) =
 enc(x) + target``; ``enc(x) + enc(" " + y)`` flagged ``boundary_merge`` when the tokenizer merges
