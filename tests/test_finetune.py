@@ -15,12 +15,8 @@ from harness.algorithms.finetune import (
     prompt_last_loss,
     target_new_loss,
 )
-from harness.algorithms.tokens import (
-    encode_prompt_target,
-    pad_id,
-    target_batch,
-    target_text,
-)
+from harness.algorithms.batches import target_batch
+from harness.tokens import encode_prompt_target, pad_id, target_text
 from harness.snapshot import bit_equal
 
 REQS = [

@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.algorithms import locate, stats
-from harness.algorithms.locate import TargetHparams, optimize_target
+from harness import tokens
+from harness.algorithms import locate, stats, target
+from harness.algorithms.target import TargetHparams, optimize_target
 from harness.models import load_model, model_spec
 from harness.types import EditRequest
 
@@ -99,7 +100,7 @@ def test_encode_right_padded_refuses_a_tokenizer_that_pads_left():
             return {"input_ids": torch.tensor([[0, 5], [6, 7]]), "attention_mask": torch.tensor([[0, 1], [1, 1]])}
 
     with pytest.raises(ValueError, match="did not pad on the right"):
-        locate.encode_right_padded(LeftOnly(), ["a", "b c"], torch.device("cpu"))
+        tokens.encode_right_padded(LeftOnly(), ["a", "b c"], torch.device("cpu"))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -124,7 +125,7 @@ def test_fast_path_equals_full_path(arch, where, loss_layer):
 
 def _target_nll(model, tok, spec, layer, delta=None):
     """Mean NLL of the target tokens after the bare rewrite prompt, with δ added to the MLP output."""
-    from harness.algorithms.tokens import encode_prompt_target
+    from harness.tokens import encode_prompt_target
 
     pt = encode_prompt_target(tok, REQ.rewrite_prompt, REQ.target_new)
     ids = torch.tensor([list(pt.ids)])
@@ -259,7 +260,7 @@ def test_batched_targets_equal_one_at_a_time(arch, where, fast):
     thr = next(x + 1e-6 for x in sorted(x for c in curves for x in c) if mixed(x + 1e-6))
     hp = TargetHparams(num_grad_steps=8, lr=0.05, weight_decay=0.0, clamp_norm_factor=50, early_stop_loss=thr)
     singles = [optimize_target(model, tok, spec, r, 1, hp, tpl, where=where, fast=fast) for r in BATCH]
-    batch = locate.optimize_targets(model, tok, spec, BATCH, 1, hp, tpl, where=where, fast=fast)
+    batch = target.optimize_targets(model, tok, spec, BATCH, 1, hp, tpl, where=where, fast=fast)
     assert [r.steps for r in batch] == [r.steps for r in singles]
     assert len({r.steps for r in batch}) > 1 and any(0 < r.steps < 7 for r in batch)
     assert all(r.fast == fast for r in batch)

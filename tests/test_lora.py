@@ -12,7 +12,7 @@ from harness.algorithms import lora as lora_mod
 from harness.algorithms.base import AlgorithmError
 from harness.algorithms.finetune import target_new_loss
 from harness.algorithms.lora import LoraHparams, LoraLayer, lora_adapters, merge_all
-from harness.algorithms.tokens import encode_prompt_target, pad_id
+from harness.tokens import encode_prompt_target, pad_id
 from harness.snapshot import bit_equal
 
 REQS = [

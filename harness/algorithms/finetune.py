@@ -8,7 +8,7 @@ weights after every step. FT-M is EasyEdit's ``target_new`` objective (Zhang et 
 Comprehensive Study of Knowledge Editing for Large Language Models"): teacher-forced cross-entropy
 on the target tokens of ``prompt + " " + target`` only. docs/algorithms/ft.md describes both.
 
-Both differ from the anchors where the anchors are fragile: the label mask is exact (``tokens.py``)
+Both differ from the anchors where the anchors are fragile: the label mask is exact (``batches.py``)
 rather than derived from padding, so the anchor's UNK mask (which only dropped padding) is not
 needed; padded target positions never enter the loss.
 
@@ -37,15 +37,9 @@ import torch
 from torch import nn
 
 from harness.algorithms.base import AlgorithmError, EditAlgorithm, WriteReport, measure_write, register, warn_if_lost
-from harness.algorithms.tokens import (
-    PromptTarget,
-    encode_prompt_target,
-    pad_id,
-    prompt_batch,
-    target_batch,
-    target_nll,
-)
+from harness.algorithms.batches import prompt_batch, target_batch, target_nll
 from harness.models import model_spec, num_layers
+from harness.tokens import PromptTarget, encode_pairs, pad_id
 from harness.types import EditReport, EditRequest
 
 log = logging.getLogger(__name__)
@@ -161,7 +155,7 @@ def prompt_last_loss(model: nn.Module, items: Sequence[PromptTarget], pad: int, 
     b = prompt_batch(items, pad, device)
     logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
     last = logits[torch.arange(len(items), device=device), b.last]
-    logp = torch.log_softmax(last.to(torch.float32), dim=-1)  # explicit upcast: see tokens.target_nll
+    logp = torch.log_softmax(last.to(torch.float32), dim=-1)  # explicit upcast: see batches.target_nll
     mask = b.target_mask.to(torch.float32)
     per_request = -(logp.gather(-1, b.target_ids) * mask).sum(1) / mask.sum(1)
     return per_request.mean()
@@ -207,7 +201,7 @@ class FineTune(EditAlgorithm):
             return EditReport()
         names = sorted(self.targets(model, requests))
         params = {n: model.get_parameter(n) for n in names}
-        items = [encode_prompt_target(tok, r.rewrite_prompt, r.target_new) for r in requests]
+        items = encode_pairs(tok, [(r.rewrite_prompt, r.target_new) for r in requests])
         device, pad = input_device(model), pad_id(tok)
         with torch.no_grad():
             originals = {n: p.detach().clone() for n, p in params.items()}

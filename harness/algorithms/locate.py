@@ -8,14 +8,12 @@ Meng et al. 2022 ("Locating and Editing Factual Associations in GPT", ROME), Men
   prefixes ``"<text>. {}"`` sampled (top-k 5, fixed seed) from the unedited model.
 * ``compute_keys``: the input of the MLP output projection ("key") at the subject's last token,
   averaged over templates (flat list, or groups averaged within then across).
-* ``optimize_target`` (+ ``TargetHparams``, ``TargetResult``): defined in ``target.py``, reachable
-  here too: the target vector of ROME (δ on the MLP output, ``where="mlp"``) or MEMIT (δ on the
-  block output, ``where="block"``), with a fast path that caches the prompts up to the subject.
 
-Token positions are read from batches this module pads on the right itself (``encode_right_padded``
-passes ``padding_side="right"`` to each call and checks the mask), whatever ``tok.padding_side`` is:
-the index of a token is then the same as in its unpadded encoding, and so are the position ids.
-Functions here run without gradients, remove their hooks in ``finally``, and change no weights.
+The target vector (ROME's v*, MEMIT's z) is ``target.py``'s; the hooks used here are ``hooks.py``'s.
+Token positions are read from batches padded on the right (``harness.tokens.encode_right_padded``),
+whatever ``tok.padding_side`` is: the index of a token is then the same as in its unpadded encoding,
+and so are the position ids. Functions here run without gradients, remove their hooks, and change
+no weights.
 """
 from __future__ import annotations
 
@@ -28,32 +26,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from harness.algorithms.hooks import model_device, module_input
 from harness.models import ModelSpec, get_module, num_layers
+from harness.tokens import encode_right_padded
 from harness.types import EditRequest
 
 log = logging.getLogger(__name__)
 
 SEED_WORDS = ("The", "Therefore", "Because", "I", "You")  # EasyEdit's prefixes for context templates
-KL_TEMPLATE = "{} is a"  # the "essence" prompt of ROME's KL term
-
-
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once what it needs is captured."""
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter."""
-    return next(model.parameters()).device
-
-
-def hidden_of(out: Any) -> torch.Tensor:
-    """The hidden states of a block/module output (a tensor, or a tuple whose first item it is)."""
-    return out[0] if isinstance(out, tuple) else out
-
-
-def replace_hidden(out: Any, h: torch.Tensor) -> Any:
-    """``out`` with its hidden states replaced by ``h`` (same container kind)."""
-    return (h, *out[1:]) if isinstance(out, tuple) else h
 
 
 def fill_template(template: str, prompt: str) -> str:
@@ -61,27 +41,6 @@ def fill_template(template: str, prompt: str) -> str:
     if template.count("{}") != 1:
         raise ValueError(f"context template must contain exactly one '{{}}': {template!r}")
     return template.replace("{}", prompt, 1)
-
-
-def encode_right_padded(tok: Any, texts: Sequence[str], device: torch.device) -> Any:
-    """Tokenise ``texts`` as one batch padded on the right, whatever ``tok.padding_side`` says.
-
-    Token ``i`` of a text is then at column ``i`` of its row (as in the unpadded encoding), and the
-    model's default position ids (0, 1, ...) are right for every row.
-
-    Returns:
-        The tokenizer's batch encoding (``input_ids``, ``attention_mask``) on ``device``.
-
-    Raises:
-        ValueError: the tokenizer did not pad on the right (its attention mask has a gap before a token).
-    """
-    enc = tok(list(texts), return_tensors="pt", padding=True, padding_side="right")
-    mask = enc["attention_mask"]
-    lengths = mask.sum(1, keepdim=True)
-    if not torch.equal(mask.bool(), torch.arange(mask.shape[1]) < lengths):
-        raise ValueError(f"{type(tok).__name__} did not pad on the right when asked (padding_side="
-                         f"{getattr(tok, 'padding_side', None)!r}); token positions would be wrong")
-    return enc.to(device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,23 +221,13 @@ def module_inputs_at(model: nn.Module, tok: Any, module: str, texts: Sequence[st
         [len(texts), width] float32 tensor on the model's device.
     """
     dev = model_device(model)
+    target = get_module(model, module)
     rows: list[torch.Tensor] = []
     for start in range(0, len(texts), batch_size):
         enc = encode_right_padded(tok, texts[start:start + batch_size], dev)
         idx = torch.tensor(index[start:start + batch_size], device=dev)
-
-        def pre_hook(_mod, args, kwargs):
-            x = args[0] if args else next(iter(kwargs.values()))
-            rows.append(x[torch.arange(len(idx), device=dev), idx].float())
-            raise _Stop
-
-        handle = get_module(model, module).register_forward_pre_hook(pre_hook, with_kwargs=True)
-        try:
-            model(**enc, use_cache=False)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
+        x = module_input(model, target, **enc, use_cache=False)
+        rows.append(x[torch.arange(len(idx), device=dev), idx].float())
     return torch.cat(rows)
 
 
@@ -312,11 +261,3 @@ def compute_keys(model: nn.Module, tok: Any, spec: ModelSpec, layer: int, reques
         out.append(torch.stack(means).mean(0))
     return torch.stack(out)
 
-
-def __getattr__(name: str) -> Any:
-    """``TargetHparams``, ``TargetResult``, ``optimize_target(s)`` live in ``target.py``; reachable here too."""
-    if name in ("TargetHparams", "TargetResult", "optimize_target", "optimize_targets"):
-        from harness.algorithms import target
-
-        return getattr(target, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,7 +8,7 @@ or a GPT-2 ``Conv1D`` and adds ``(alpha / r) * B @ A`` to its weight, with ``A``
 (inputs are cast explicitly), which makes them their own master weights.
 
 ``apply`` wraps the chosen modules, trains A and B on the teacher-forced target tokens (label mask
-as in FT-M, ``tokens.py``) with Adam, merges every delta (computed in float32, checked finite
+as in FT-M, ``batches.py``) with Adam, merges every delta (computed in float32, checked finite
 before anything is written, added in float32 and rounded once to the weight's dtype; the norm
 written, the intended norm and the write error are reported) and puts the original modules back,
 also when training raises: the model ends as the original architecture with edited base weights.
@@ -44,8 +44,8 @@ from harness.algorithms.finetune import (
     target_new_loss,
     trainable,
 )
-from harness.algorithms.tokens import encode_prompt_target, pad_id
 from harness.models import model_spec
+from harness.tokens import encode_pairs, pad_id
 from harness.types import EditReport, EditRequest
 
 log = logging.getLogger(__name__)
@@ -316,7 +316,7 @@ class Lora(EditAlgorithm):
             return EditReport()
         names = self.modules(model)
         weight_names = [_weight_name(model, m) for m in names]
-        items = [encode_prompt_target(tok, r.rewrite_prompt, r.target_new) for r in requests]
+        items = encode_pairs(tok, [(r.rewrite_prompt, r.target_new) for r in requests])
         device, pad = input_device(model), pad_id(tok)
         epoch_losses: list[float] = []
         with lora_adapters(model, names, hp.rank, hp.alpha, hp.dropout, hp.seed) as layers:

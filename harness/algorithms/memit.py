@@ -41,13 +41,14 @@ import torch
 from torch import nn
 
 from harness.algorithms.base import EditAlgorithm, register, write_deltas
+from harness.algorithms.hooks import model_device, module_output
 from harness.algorithms.hparams import build_blocks
-from harness.algorithms.locate import (TemplateCache, TemplateHparams, _Stop, compute_keys, encode_right_padded,
-                                       hidden_of, model_device, subject_last_index)
+from harness.algorithms.locate import TemplateCache, TemplateHparams, compute_keys, subject_last_index
 from harness.algorithms.solve import as_map, key_residual, memit_delta, to_param_layout
 from harness.algorithms.stats import StatsCache, StatsConfig
 from harness.algorithms.target import TargetHparams, optimize_targets
 from harness.models import ModelSpec, get_module, model_spec, num_layers
+from harness.tokens import encode_right_padded
 from harness.types import EditReport, EditRequest
 
 log = logging.getLogger(__name__)
@@ -129,21 +130,8 @@ def block_outputs(model: nn.Module, tok: Any, spec: ModelSpec, layer: int,
         [d, n] float32 on the model's device.
     """
     idx = [subject_last_index(tok, r.prompt, r.subject) for r in requests]
-    captured: list[torch.Tensor] = []
-
-    def hook(_mod, _inp, out):
-        captured.append(hidden_of(out).detach())
-        raise _Stop  # the blocks above are not needed
-
-    handle = get_module(model, spec.layer.format(layer)).register_forward_hook(hook)
-    try:
-        enc = encode_right_padded(tok, [r.rewrite_prompt for r in requests], model_device(model))
-        model(**enc, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    hidden = captured[0]
+    enc = encode_right_padded(tok, [r.rewrite_prompt for r in requests], model_device(model))
+    hidden = module_output(model, get_module(model, spec.layer.format(layer)), **enc, use_cache=False)
     rows = torch.arange(len(idx), device=hidden.device)
     return hidden[rows, torch.tensor(idx, device=hidden.device)].float().T
 

@@ -6,7 +6,7 @@ One request edits the MLP output projection ``W`` (``v = W k``) of one layer wit
    (``locate.compute_keys``); ``k0`` the same on the bare prompt.
 2. left vector ``u ∝ C⁻¹k`` (``mom2_adjustment``; else ``u ∝ k``), with C = E[k kᵀ] from
    ``stats`` (computed once from the unedited model, kept by the instance).
-3. target value ``v* = v_init + δ`` by ``locate.optimize_target(where="mlp")``.
+3. target value ``v* = v_init + δ`` by ``target.optimize_target(where="mlp")``.
 4. ``ΔW = (v* − W k − b) uᵀ / (uᵀ k)`` in float64, written with ``write_deltas`` (transposed for
    GPT-2's Conv1D), which rounds ``W + ΔW`` once to the weight's dtype.
 

@@ -34,18 +34,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from harness.algorithms.locate import model_device
+from harness.algorithms.hooks import Hooks, StopForward, first_input, model_device, run_to_stop
 from harness.models import ModelSpec, cache_kwargs, default_cache_dir, get_module, output_cache
 from harness.snapshot import model_digest
+from harness.tokens import pad_batch, pad_id
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 START_WORDS = ("The", "In", "A", "It", "This", "He", "She", "When", "After", "One")
-
-
-class _Stop(Exception):
-    """Ends a forward pass once the deepest needed layer has been seen."""
 
 
 @dataclass(frozen=True)
@@ -191,42 +188,28 @@ def accumulate(model: nn.Module, tok: Any, modules: Sequence[str], seqs: Sequenc
         (sums by module name, in ``dtype`` on the CPU; the token count).
     """
     dev = model_device(model)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad = pad_id(tok)
     sums: dict[str, torch.Tensor] = {}
-    mask: dict[str, torch.Tensor] = {}
+    mask = torch.zeros(0, dtype=torch.bool)  # the running batch's non-pad tokens (set before each forward)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # batches of similar length: less padding
-    handles = []
 
-    def hook(name: str, last: bool):
-        def pre(_m, args, kwargs):
-            x = (args[0] if args else next(iter(kwargs.values())))[mask["m"]].to(dtype)
+    def hook(name: str, last: bool) -> Callable[[nn.Module, tuple, dict[str, Any]], None]:
+        def pre(_m: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            x = first_input(args, kwargs)[mask].to(dtype)
             sums[name] = sums.get(name, 0) + (x.T @ x).cpu()
-            if last:
-                raise _Stop
+            if last:  # the deepest module needed: the layers above are not run
+                raise StopForward
         return pre
 
     count = 0
-    try:
+    with Hooks() as hooks:
         for j, name in enumerate(modules):
-            handles.append(get_module(model, name).register_forward_pre_hook(hook(name, j == len(modules) - 1),
-                                                                             with_kwargs=True))
+            hooks.input(get_module(model, name), hook(name, j == len(modules) - 1))
         for start in tqdm(range(0, len(order), batch_size), desc="second moment", leave=False):
-            batch = [seqs[i] for i in order[start:start + batch_size]]
-            width = max(len(s) for s in batch)
-            ids = torch.full((len(batch), width), int(pad), dtype=torch.long)
-            attn = torch.zeros((len(batch), width), dtype=torch.long)
-            for i, s in enumerate(batch):
-                ids[i, :len(s)] = torch.tensor(s)
-                attn[i, :len(s)] = 1
-            mask["m"] = attn.bool().to(dev)
+            ids, attn = pad_batch([seqs[i] for i in order[start:start + batch_size]], pad)
+            mask = attn.bool().to(dev)
             count += int(attn.sum())
-            try:
-                model(input_ids=ids.to(dev), attention_mask=attn.to(dev), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
+            run_to_stop(model, input_ids=ids.to(dev), attention_mask=attn.to(dev), use_cache=False)
     return sums, count
 
 

@@ -1,19 +1,25 @@
-"""The target vector of ROME (δ on an MLP output) and MEMIT/AlphaEdit (δ on a block output).
+"""The target vector of ROME (v*: δ on an MLP output) and MEMIT/AlphaEdit (z: δ on a block output).
 
 docs/algorithms/target-optimisation.md: ROME's v* (Meng et al. 2022, "Locating and Editing Factual
 Associations in GPT") and its MEMIT variant (Meng et al. 2023, "Mass-Editing Memory in a
-Transformer"). Public names are also reachable as
-``harness.algorithms.locate.{TargetHparams, TargetResult, optimize_target}``.
+Transformer"). ``optimize_targets`` runs, and this module reads, in this order:
 
-Speed: δ sits at the subject's last token, so under causal attention nothing before that token
-depends on δ. ``optimize_target`` cuts every prompt there, runs the prefixes once to fill a KV
-cache, and at each step runs only the suffixes (a few tokens per prompt instead of the whole
-padded batch) through the model's own forward with that cache, explicit position ids and a
-[prefix | suffix] mask: the mechanism of batched generation with left-padded prompts, so it works
-for any architecture transformers can generate with. Step 0 is checked against the full forward;
-a mismatch falls back to the full forward with hooks.
+1. the rows (``target_rows.build_rows``): per request, one row per context template,
+   ``template(prompt) + target[:-1]``, and one KL row ``"{subject} is a"``; δ goes at the subject's
+   last token of every row.
+2. ``reference_pass``: one full forward with δ = 0 gives v_init and the reference logits.
+3. the fast path (``target_rows.split_at_subject``): under causal attention nothing before the
+   subject's last token depends on δ, so the rows are cut there; the prefixes run once into a KV
+   cache, and each step runs only the suffixes through the model's own forward with that cache,
+   explicit position ids and a [prefix | suffix] mask (batched generation's mechanism, so any
+   architecture transformers can generate with works). Step 0 is checked against the reference
+   forward; a mismatch falls back to the whole rows.
+4. ``run_loop``: Adam on a float32 δ (cast to the hidden dtype where ``DeltaForward`` adds it),
+   ``target_loss`` = mean target NLL + ``kl_factor``·KL(P_δ‖P_0) at the KL read +
+   ``weight_decay``·‖δ‖/‖v_init‖², early stop per request (stopped requests leave the batch),
+   ``adam_step`` with the norm clamp.
 
-The model is left as it was found: hooks are removed in ``finally`` and the gradient is taken with
+The model is left as it was found: hooks are removed on exit and the gradient is taken with
 ``torch.autograd.grad`` with respect to δ only, so no ``.grad`` lands on a parameter.
 """
 from __future__ import annotations
@@ -21,20 +27,23 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from harness.algorithms.locate import (KL_TEMPLATE, _Stop, as_template_groups, fill_template, hidden_of, model_device,
-                                       replace_hidden, subject_last_index)
-from harness.algorithms.tokens import encode_prompt_target
-from harness.models import ModelSpec, cache_kwargs, get_module, num_layers, output_cache
+from harness.algorithms.hooks import (Hooks, StopForward, add_at, hidden_of, logit_head, model_device, replace_hidden,
+                                      run_to_stop)
+from harness.algorithms.locate import as_template_groups
+from harness.algorithms.target_rows import Layout, PromptRows, View, build_rows, full_layout, select, split_at_subject
+from harness.models import ModelSpec, cache_kwargs, get_module, num_layers
+from harness.tokens import pad_id
 from harness.types import EditRequest
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class TargetHparams:
@@ -92,169 +101,23 @@ class TargetResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-@dataclass
-class _Batch:
-    """The prompts of n requests, one row per prompt, and the positions the loss reads.
-
-    Reads are grouped by request, in request order: its NLL positions, then its KL position.
-    """
-
-    ids: torch.Tensor  # [B, L] right padded
-    attn: torch.Tensor  # [B, L]
-    sub: torch.Tensor  # [B] subject-last index of each row (δ goes there)
-    row_req: torch.Tensor  # [B] the request each row belongs to
-    first_row: list[int]  # per request: the row of its first template (v_init is read there)
-    read_rows: torch.Tensor  # [R] rows of the positions the loss reads
-    read_pos: torch.Tensor  # [R]
-    read_req: torch.Tensor  # [R] the request each read belongs to
-    labels: torch.Tensor  # [R] target ids at NLL reads, -1 at KL reads
-    n_labels: torch.Tensor  # [n] NLL reads per request
-
-
-def _target_batch(tok: Any, requests: Sequence[EditRequest], templates: Sequence[str], dev: torch.device) -> _Batch:
-    seqs: list[list[int]] = []
-    sub, row_req, first_row, rows, pos, read_req, labels, n_labels = [], [], [], [], [], [], [], []
-    for r, request in enumerate(requests):
-        first_row.append(len(seqs))
-        n_labels.append(0)
-        for t in templates:
-            filled = fill_template(t, request.prompt)
-            pt = encode_prompt_target(tok, filled.replace("{}", request.subject), request.target_new)
-            ids = list(pt.prompt_ids) + list(pt.target_ids[:-1])
-            idx = subject_last_index(tok, filled, request.subject)
-            if idx >= len(pt.prompt_ids):
-                raise ValueError(f"case {request.case_id}: subject index {idx} is past the prompt of {filled!r}")
-            n_target = len(pt.target_ids)
-            rows += [len(seqs)] * n_target
-            pos += list(range(len(ids) - n_target, len(ids)))
-            labels += list(pt.target_ids)
-            read_req += [r] * n_target
-            n_labels[-1] += n_target
-            seqs.append(ids)
-            sub.append(idx)
-            row_req.append(r)
-        kl_text = KL_TEMPLATE.replace("{}", request.subject)
-        kl_idx = subject_last_index(tok, KL_TEMPLATE, request.subject)
-        rows.append(len(seqs))
-        pos.append(kl_idx)
-        labels.append(-1)
-        read_req.append(r)
-        seqs.append(list(tok(kl_text)["input_ids"]))
-        sub.append(kl_idx)
-        row_req.append(r)
-    width = max(len(s) for s in seqs)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    ids = torch.full((len(seqs), width), int(pad or 0), dtype=torch.long)
-    attn = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        attn[i, :len(s)] = 1
-
-    def t(x: list[int]) -> torch.Tensor:
-        return torch.tensor(x, dtype=torch.long, device=dev)
-
-    return _Batch(ids.to(dev), attn.to(dev), t(sub), t(row_req), first_row, t(rows), t(pos), t(read_req), t(labels),
-                  t(n_labels))
-
-
-def _add_at(h: torch.Tensor, sub: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """``h`` with ``delta`` added at (row i, position sub[i]) for every row; out of place."""
-    rows = torch.arange(h.shape[0], device=h.device)
-    return h.index_put((rows, sub), h[rows, sub] + delta.to(h.dtype))
-
-
-def _head(model: nn.Module, spec: ModelSpec) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Final norm + unembedding (+ the config's final logit soft-capping) on [R, d] hidden states."""
-    norm, unembed = get_module(model, spec.final_norm), get_module(model, spec.unembed)
-    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
-
-    def head(h: torch.Tensor) -> torch.Tensor:
-        logits = unembed(norm(h))
-        return torch.tanh(logits / cap) * cap if cap else logits
-
-    return head
-
-
-def _split(b: _Batch, tok: Any) -> dict[str, Any]:
-    """Cut every row at its subject's last token: a left-padded prefix and a right-padded suffix.
-
-    Hidden states of prefix tokens never depend on δ (causal attention), so their keys and values
-    are computed once (a KV cache); each step runs only the suffixes, with explicit position ids
-    (the true positions) and a mask over [prefix | suffix]. ``read_pos`` are suffix coordinates.
-    """
-    n_rows = b.ids.shape[0]
-    lens = b.attn.sum(1).tolist()
-    sub = b.sub.tolist()
-    p_len, s_len = max(sub), max(n - s for n, s in zip(lens, sub))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    dev = b.ids.device
-    pre = torch.full((n_rows, p_len), int(pad), dtype=torch.long, device=dev)
-    suf = torch.full((n_rows, s_len), int(pad), dtype=torch.long, device=dev)
-    pre_attn, suf_attn = torch.zeros_like(pre), torch.zeros_like(suf)
-    for i, (n, s) in enumerate(zip(lens, sub)):
-        pre[i, p_len - s:], pre_attn[i, p_len - s:] = b.ids[i, :s], 1
-        suf[i, :n - s], suf_attn[i, :n - s] = b.ids[i, s:n], 1
-    return {"prefix_ids": pre if p_len else None, "prefix_attn": pre_attn,
-            "prefix_pos": (pre_attn.cumsum(1) - 1).clamp(min=0), "cache": None,
-            "ids": suf, "attn": torch.cat([pre_attn, suf_attn], 1),
-            "pos": b.sub[:, None] + torch.arange(s_len, device=dev)[None], "read_pos": b.read_pos - b.sub[b.read_rows]}
-
-
-def _tolerance(ref: torch.Tensor) -> float:
-    eps = torch.finfo(ref.dtype).eps if ref.is_floating_point() else 1e-7
-    return max(1e-4, 4 * eps) * (1.0 + float(ref.abs().max()))
+# ----------------------------------------------------------------------------------------------
+# the entry points
 
 
 def optimize_target(model: nn.Module, tok: Any, spec: ModelSpec, request: EditRequest, layer: int,
                     hp: TargetHparams, templates: Sequence[str] | Sequence[Sequence[str]], where: str = "mlp",
                     fast: bool = True) -> TargetResult:
-    """Optimise δ so that adding it at the subject's last token makes the model say ``target_new``.
-
-    ROME (``where="mlp"``): δ is added to the output of ``spec.mlp`` at ``layer``. MEMIT
-    (``where="block"``): δ is added to the output hidden state of block ``layer``. In both, δ goes
-    at the subject's last token of every prompt: one rewriting prompt per template
-    (``template(prompt) + target[:-1]``, as token ids, so no decode/re-encode round trip) and the
-    KL prompt ``"{subject} is a"``. Loss (docs/algorithms/target-optimisation.md): mean target NLL
-    over the rewriting prompts + ``kl_factor``·KL(P_δ‖P_0) at the KL prompt's subject token +
-    ``weight_decay``·‖δ‖/‖v_init‖². Adam on a float32 δ (cast to the hidden dtype in the hook),
-    early stop below ``early_stop_loss``, norm clamp after each step.
-
-    Args:
-        spec: the model's architecture facts.
-        request: one edit request.
-        layer: the edited layer.
-        hp: optimisation settings.
-        templates: context templates (flat or grouped; flattened in order, the first one gives
-            ``v_init`` and should be ``"{}"``).
-        where: ``"mlp"`` or ``"block"``.
-        fast: cache the prompts' prefixes (up to the subject) and run only the suffixes each step;
-            ``False`` runs the full model with hooks every step (the reference path).
-
-    Returns:
-        A ``TargetResult``.
-
-    Raises:
-        ValueError: bad ``where``/layers, or a subject that cannot be located.
-    """
+    """Optimise δ so that adding it at the subject's last token makes the model say ``target_new``
+    (``optimize_targets`` for one request; the arguments are the same)."""
     return optimize_targets(model, tok, spec, [request], layer, hp, templates, where=where, fast=fast)[0]
-
-
-def _select_cache(cache: Any, rows: torch.Tensor, n_rows: int) -> Any:
-    """``cache`` restricted to ``rows``: a copy when some rows go, ``cache`` itself when all stay.
-
-    (Each forward works on its own deep copy, so the returned cache is never written to.)
-    """
-    if cache is None or len(rows) == n_rows:
-        return cache
-    out = copy.deepcopy(cache)
-    out.batch_select_indices(rows)
-    return out
 
 
 def optimize_targets(model: nn.Module, tok: Any, spec: ModelSpec, requests: Sequence[EditRequest], layer: int,
                      hp: TargetHparams, templates: Sequence[str] | Sequence[Sequence[str]], where: str = "mlp",
                      fast: bool = True) -> list[TargetResult]:
-    """``optimize_target`` for several requests at once: one δ per request, all prompts in one batch.
+    """Optimise one δ per request so that adding it at the subject's last token makes the model say
+    ``target_new``; all requests' prompts run in one batch (module docstring: rows, loss, fast path).
 
     Request j's loss reads only its own rows, so ∂(Σ_j loss_j)/∂δ_j = ∂loss_j/∂δ_j, and Adam, the
     norm clamp and the early stop act per element or per row: each δ_j follows the path it would
@@ -262,155 +125,195 @@ def optimize_targets(model: nn.Module, tok: Any, spec: ModelSpec, requests: Sequ
     meets its early stop is frozen and its rows leave the batch. This is what makes MEMIT's n
     targets cheaper than n ROME targets: one forward/backward per step for the whole batch.
 
+    Args:
+        spec, layer, hp: the model's architecture facts, the edited layer, the optimisation settings.
+        templates: context templates (flat or grouped; flattened in order, the first one gives
+            ``v_init`` and should be ``"{}"``).
+        where: ``"mlp"`` (ROME: δ on the output of ``spec.mlp`` at ``layer``) or ``"block"`` (MEMIT:
+            δ on the output hidden state of block ``layer``).
+        fast: cache the prompts' prefixes (up to the subject) and run only the suffixes each step;
+            ``False`` runs the full model with hooks every step (the reference path).
+
     Returns:
         One ``TargetResult`` per request, in order; ``seconds`` are the batch's.
+
+    Raises:
+        ValueError: bad ``where``/layers, or a subject that cannot be located.
     """
     if where not in ("mlp", "block"):
         raise ValueError(f"where={where!r}: use 'mlp' (ROME) or 'block' (MEMIT)")
     if not requests:
         return []
-    n_layers = num_layers(model)
-    last = n_layers - 1
+    last = num_layers(model) - 1
     loss_layer = last if hp.loss_layer is None else int(hp.loss_layer)
     if not 0 <= layer <= loss_layer <= last:
         raise ValueError(f"need 0 <= layer ({layer}) <= loss_layer ({loss_layer}) <= {last}")
     t_start = time.perf_counter()
-    flat = [t for g in as_template_groups(templates) for t in g]
-    b = _target_batch(tok, requests, flat, model_device(model))
-    n, n_rows = len(requests), b.ids.shape[0]
-    head = _head(model, spec)
+    b = build_rows(tok, requests, [t for g in as_template_groups(templates) for t in g], model_device(model))
+    full = full_layout(b)
     site = get_module(model, spec.mlp.format(layer) if where == "mlp" else spec.layer.format(layer))
-    loss_block = get_module(model, spec.layer.format(loss_layer))
-    sfx = _split(b, tok)
-    state: dict[str, Any] = {}
-
-    def capture_site(_m, _i, out):
-        state["site"] = hidden_of(out).detach()
-
-    def add_delta(_m, _i, out):
-        return replace_hidden(out, _add_at(hidden_of(out), state["sub"], state["row_delta"]))
-
-    def capture_loss(_m, _i, out):
-        state["loss"] = hidden_of(out)
-        raise _Stop  # the blocks above and the full-vocabulary logits are not needed
-
-    def view(active: torch.Tensor, fast_mode: bool) -> dict[str, Any]:
-        """The batch restricted to the rows and reads of the ``active`` requests."""
-        rows = torch.nonzero(active[b.row_req]).squeeze(1)
-        reads = torch.nonzero(active[b.read_req]).squeeze(1)
-        new_row = torch.full((n_rows,), -1, dtype=torch.long, device=rows.device)
-        new_row[rows] = torch.arange(len(rows), device=rows.device)
-        local = torch.cumsum(active.long(), 0) - 1
-        v = {"rows": rows, "read_rows": new_row[b.read_rows[reads]], "read_req": local[b.read_req[reads]],
-             "labels": b.labels[reads], "req": torch.nonzero(active).squeeze(1)}
-        if fast_mode:
-            v.update(ids=sfx["ids"][rows], attn=sfx["attn"][rows], pos=sfx["pos"][rows],
-                     sub=torch.zeros_like(rows), read_pos=sfx["read_pos"][reads],
-                     cache=_select_cache(sfx["cache"], rows, n_rows))
-        else:
-            v.update(ids=b.ids[rows], attn=b.attn[rows], pos=None, sub=b.sub[rows], read_pos=b.read_pos[reads],
-                     cache=None)
-        return v
-
-    def forward(v: dict[str, Any], delta: torch.Tensor) -> torch.Tensor:
-        """Logits at the view's reads, with δ_j added at the subject's last token of request j's rows."""
-        state["sub"], state["row_delta"] = v["sub"], delta[b.row_req[v["rows"]]]
-        kw: dict[str, Any] = {"input_ids": v["ids"], "attention_mask": v["attn"], "use_cache": False}
-        if v["pos"] is not None:
-            kw["position_ids"] = v["pos"]
-        if v["cache"] is not None:
-            kw.update(use_cache=True, **cache_kwargs(model, copy.deepcopy(v["cache"])))
-        try:
-            model(**kw)
-        except _Stop:
-            pass
-        return head(state.pop("loss")[v["read_rows"], v["read_pos"]])
-
-    handles = [site.register_forward_hook(capture_site)]
-    try:
-        with torch.no_grad():
-            handles.append(site.register_forward_hook(add_delta))
-            handles.append(loss_block.register_forward_hook(capture_loss))
-            zero = torch.zeros(n, 1, device=b.ids.device)
-            ref = forward(view(torch.ones(n, dtype=torch.bool), False), zero)
-            for h in handles:
-                h.remove()
-            handles = []
-            if fast and sfx["prefix_ids"] is not None:
-                sfx["cache"] = output_cache(model(input_ids=sfx["prefix_ids"], attention_mask=sfx["prefix_attn"],
-                                                  position_ids=sfx["prefix_pos"], use_cache=True))
-    finally:
-        for h in handles:
-            h.remove()
-    v_init = torch.stack([state["site"][r, b.sub[r]] for r in b.first_row]).float()  # [n, d]
+    fwd = DeltaForward(model, spec, site, get_module(model, spec.layer.format(loss_layer)), b.row_req)
+    ref, v_init = reference_pass(fwd, b, full)
+    cut = split_at_subject(model, b, pad_id(tok)) if fast else None
     t_prep = time.perf_counter() - t_start
+    delta, prog, fast = run_loop(fwd, b, full, cut, ref, v_init, hp)
+    t_loop = time.perf_counter() - t_start - t_prep
+    log.debug("targets for %d requests: %.2fs prep, %.2fs loop, steps %s", len(requests), t_prep, t_loop, prog.steps)
+    return [TargetResult(target=v_init[j] + delta[j], v_init=v_init[j], delta=delta[j], losses=prog.losses[j],
+                         nll=prog.nll[j], steps=prog.steps[j], fast=fast, seconds={"prep": t_prep, "loop": t_loop})
+            for j in range(len(requests))]
 
+
+# ----------------------------------------------------------------------------------------------
+# 2. the model with δ at the edit site, and the reference pass
+
+
+class DeltaForward:
+    """Logits at a view's reads with δ_j added at the subject's last token of request j's rows.
+
+    ``attach`` registers the hooks on ``hooks``: ``add_delta`` on the edit site, ``stop_at_loss``
+    on the loss block (it keeps the block's output and ends the forward: the blocks above and the
+    full-vocabulary logits are not needed; ``head`` maps the kept states at the reads to logits).
+    """
+
+    def __init__(self, model: nn.Module, spec: ModelSpec, site: nn.Module, loss_block: nn.Module,
+                 row_req: torch.Tensor) -> None:
+        self.model, self.site, self.loss_block, self.row_req = model, site, loss_block, row_req
+        self.head = logit_head(model, spec)
+        self.sub: Optional[torch.Tensor] = None  # per row of the running view: where δ goes
+        self.row_delta: Optional[torch.Tensor] = None  # per row: its request's δ
+        self.hidden: Optional[torch.Tensor] = None  # the loss block's output in the running forward
+
+    def add_delta(self, _m: nn.Module, _args: tuple, out: Any) -> Any:
+        return replace_hidden(out, add_at(hidden_of(out), self.sub, self.row_delta))
+
+    def stop_at_loss(self, _m: nn.Module, _args: tuple, out: Any) -> None:
+        self.hidden = hidden_of(out)
+        raise StopForward
+
+    def attach(self, hooks: Hooks) -> None:
+        hooks.output(self.site, self.add_delta)
+        hooks.output(self.loss_block, self.stop_at_loss)
+
+    def __call__(self, v: View, delta: torch.Tensor) -> torch.Tensor:
+        at = v.at
+        self.sub, self.row_delta = at.sub, delta[self.row_req[v.rows]]
+        kw: dict[str, Any] = {"input_ids": at.ids, "attention_mask": at.attn, "use_cache": False}
+        if at.pos is not None:
+            kw["position_ids"] = at.pos
+        if at.cache is not None:
+            kw.update(use_cache=True, **cache_kwargs(self.model, copy.deepcopy(at.cache)))
+        run_to_stop(self.model, **kw)
+        hidden, self.hidden = self.hidden, None
+        if hidden is None:
+            raise RuntimeError("the forward pass never reached the loss block")
+        return self.head(hidden[v.read_rows, at.read_pos])
+
+
+@torch.no_grad()
+def reference_pass(fwd: DeltaForward, b: PromptRows, full: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """One full forward with δ = 0: (the logits at every read, v_init [n, d] float32)."""
+    n = len(b.first_row)
+    seen: list[torch.Tensor] = []
+    with Hooks() as hooks:
+        hooks.output(fwd.site, lambda _m, _a, out: seen.append(hidden_of(out).detach()))
+        fwd.attach(hooks)
+        ref = fwd(select(b, full, torch.ones(n, dtype=torch.bool, device=b.ids.device)),
+                  torch.zeros(n, 1, device=b.ids.device))
+    return ref, torch.stack([seen[0][r, b.sub[r]] for r in b.first_row]).float()
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. the loop
+
+
+@dataclass
+class Progress:
+    """Per request: the losses seen, the Adam steps taken, and whether it still runs."""
+
+    active: torch.Tensor  # [n] bool
+    losses: list[list[float]]
+    nll: list[list[float]]
+    steps: list[int]
+
+
+def run_loop(fwd: DeltaForward, b: PromptRows, full: Layout, fast: Optional[Layout], ref: torch.Tensor,
+             v_init: torch.Tensor, hp: TargetHparams) -> tuple[torch.Tensor, Progress, bool]:
+    """Optimise δ [n, d] from zero on the ``fast`` layout if given (else ``full``).
+
+    Returns:
+        (δ detached, the progress, whether the fast path was used to the end).
+    """
     delta = torch.zeros_like(v_init, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hp.lr)
     max_norm = hp.clamp_norm_factor * v_init.norm(dim=1)
     v_norm2 = v_init.norm(dim=1) ** 2
-    losses: list[list[float]] = [[] for _ in range(n)]
-    nlls: list[list[float]] = [[] for _ in range(n)]
-    steps = [0] * n
-    kl_init: Optional[torch.Tensor] = None
-    use_fast = fast
-    active = torch.ones(n, dtype=torch.bool, device=v_init.device)
+    n = len(v_init)
+    prog = Progress(torch.ones(n, dtype=torch.bool, device=v_init.device), [[] for _ in range(n)],
+                    [[] for _ in range(n)], [0] * n)
     # without a cache that can drop rows, stopped requests stay in the batch (frozen all the same)
-    prunable = sfx["cache"] is None or hasattr(sfx["cache"], "batch_select_indices")
-
-    try:
-        handles = [site.register_forward_hook(add_delta), loss_block.register_forward_hook(capture_loss)]
-        everyone = torch.ones_like(active)
-        v = view(everyone, use_fast)
+    at = full if fast is None else fast
+    prunable = at.cache is None or hasattr(at.cache, "batch_select_indices")
+    everyone = torch.ones_like(prog.active)
+    v = select(b, at, everyone)
+    kl_init: Optional[torch.Tensor] = None
+    eps = torch.finfo(ref.dtype).eps if ref.is_floating_point() else 1e-7
+    tolerance = max(1e-4, 4 * eps) * (1.0 + float(ref.abs().max()))
+    with Hooks() as hooks:
+        fwd.attach(hooks)
         for it in range(hp.num_grad_steps):
-            logits = forward(v, delta)
-            if it == 0 and use_fast and not torch.allclose(logits.detach(), ref, rtol=0, atol=_tolerance(ref)):
+            logits = fwd(v, delta)
+            if it == 0 and at is fast and not torch.allclose(logits.detach(), ref, rtol=0, atol=tolerance):
                 log.warning("fast path differs from the full forward by %.3g at step 0; using the full forward",
                             float((logits.detach() - ref).abs().max()))
-                use_fast = False
-                v = view(everyone, use_fast)
-                logits = forward(v, delta)
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            is_nll = v["labels"] >= 0
-            req = v["req"]  # the requests in this view (global indices), in order
-            tok_nll = -logp[is_nll].gather(1, v["labels"][is_nll, None]).squeeze(1)
-            nll = torch.zeros(len(req), device=logp.device).index_add(0, v["read_req"][is_nll], tok_nll)
-            nll = nll / b.n_labels[req]  # mean over the request's prompts and target tokens
-            kl_logp = logp[~is_nll]  # one KL read per request, in request order
-            if kl_init is None:
-                kl_init = kl_logp.detach()
-            kl = (kl_logp.exp() * (kl_logp - kl_init[req])).sum(-1)  # KL(P_δ ‖ P_0)
-            loss = nll + hp.kl_factor * kl + hp.weight_decay * delta[req].norm(dim=1) / v_norm2[req]
-            running = active[req]  # requests in the view that have not stopped
-            for k, j in enumerate(req.tolist()):
+                at = full
+                v = select(b, at, everyone)
+                logits = fwd(v, delta)
+            if kl_init is None:  # log P_0 at the KL reads: step 0, δ = 0, every request
+                kl_init = torch.log_softmax(logits.float(), dim=-1)[v.labels < 0].detach()
+            loss, nll = target_loss(logits, v, b, delta, kl_init, v_norm2, hp)
+            running = prog.active[v.req]  # requests in the view that have not stopped
+            for k, j in enumerate(v.req.tolist()):
                 if running[k]:
-                    losses[j].append(float(loss[k].detach()))
-                    nlls[j].append(float(nll[k].detach()))
+                    prog.losses[j].append(float(loss[k].detach()))
+                    prog.nll[j].append(float(nll[k].detach()))
             stop = (loss.detach() < hp.early_stop_loss) | (it == hp.num_grad_steps - 1)
             go = running & ~stop
-            active[req[running & stop]] = False
+            prog.active[v.req[running & stop]] = False
             if not bool(go.any()):
                 break
-            (grad,) = torch.autograd.grad(loss[go].sum(), [delta])
-            with torch.no_grad():
-                kept = delta.detach().clone()
-                delta.grad = grad
-                opt.step()
-                delta[~active] = kept[~active]  # Adam's momentum must not move a stopped δ
-                norm = delta.norm(dim=1)
-                scale = torch.where(norm > max_norm, max_norm / norm.clamp_min(1e-30), torch.ones_like(norm))
-                delta.mul_(scale[:, None])
-            for j in req[go].tolist():
-                steps[j] += 1
+            adam_step(opt, delta, loss[go].sum(), prog.active, max_norm)
+            for j in v.req[go].tolist():
+                prog.steps[j] += 1
             if prunable and bool((running & stop).any()):
-                v = view(active, use_fast)
-    finally:
-        for h in handles:
-            h.remove()
-        state.clear()
-        sfx.clear()
-    delta = delta.detach()
-    t_loop = time.perf_counter() - t_start - t_prep
-    log.debug("targets for %d requests: %.2fs prep, %.2fs loop, steps %s", n, t_prep, t_loop, steps)
-    return [TargetResult(target=v_init[j] + delta[j], v_init=v_init[j], delta=delta[j], losses=losses[j], nll=nlls[j],
-                         steps=steps[j], fast=use_fast, seconds={"prep": t_prep, "loop": t_loop}) for j in range(n)]
+                v = select(b, at, prog.active)
+    return delta.detach(), prog, at is fast
+
+
+def target_loss(logits: torch.Tensor, v: View, b: PromptRows, delta: torch.Tensor, kl_init: torch.Tensor,
+                v_norm2: torch.Tensor, hp: TargetHparams) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, nll) per request of the view: mean target NLL over the request's prompts and target
+    tokens + ``kl_factor``·KL(P_δ ‖ P_0) at its KL read + ``weight_decay``·‖δ‖/‖v_init‖²."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    is_nll = v.labels >= 0
+    tok_nll = -logp[is_nll].gather(1, v.labels[is_nll, None]).squeeze(1)
+    nll = torch.zeros(len(v.req), device=logp.device).index_add(0, v.read_req[is_nll], tok_nll)
+    nll = nll / b.n_labels[v.req]
+    kl_logp = logp[~is_nll]  # one KL read per request, in request order
+    kl = (kl_logp.exp() * (kl_logp - kl_init[v.req])).sum(-1)
+    loss = nll + hp.kl_factor * kl + hp.weight_decay * delta[v.req].norm(dim=1) / v_norm2[v.req]
+    return loss, nll
+
+
+def adam_step(opt: torch.optim.Optimizer, delta: torch.Tensor, loss: torch.Tensor, active: torch.Tensor,
+              max_norm: torch.Tensor) -> None:
+    """One Adam step on δ from ``loss``; stopped rows keep their δ; then the norm clamp per row."""
+    (grad,) = torch.autograd.grad(loss, [delta])
+    with torch.no_grad():
+        kept = delta.detach().clone()
+        delta.grad = grad
+        opt.step()
+        delta[~active] = kept[~active]  # Adam's momentum must not move a stopped δ
+        norm = delta.norm(dim=1)
+        scale = torch.where(norm > max_norm, max_norm / norm.clamp_min(1e-30), torch.ones_like(norm))
+        delta.mul_(scale[:, None])

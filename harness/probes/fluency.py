@@ -15,7 +15,7 @@ Differences from the anchor, on purpose (cheapness, no extra dependency):
   entropy, so compare GE only at equal settings.
 Generations sample top-k = 5 at temperature 1 (the model's own generation defaults are overridden),
 seeded with ``seed`` inside a forked RNG (the caller's random state is untouched), batched with
-left padding built here. Texts are prompt + continuation (as the anchor's ``generate_fast``
+left padding built here (``harness.tokens.pad_batch``). Texts are prompt + continuation (as the anchor's ``generate_fast``
 returns them), special tokens removed, NFKD-normalised.
 """
 from __future__ import annotations
@@ -33,6 +33,7 @@ from torch import nn
 
 from harness.probes.base import MetricInfo, ProbeFamily
 from harness.probes.registry import register_probe
+from harness.tokens import pad_batch, pad_id
 from harness.types import EditRequest
 
 INFOS = {"fluency": MetricInfo("fluency", "generation", 1, unit="bits")}
@@ -70,7 +71,7 @@ def generate(model: nn.Module, tok, prompts: Sequence[str], max_new_tokens: int 
     from transformers import GenerationConfig
 
     param = next(model.parameters())
-    pad = next((i for i in (tok.pad_token_id, tok.eos_token_id) if i is not None), 0)
+    pad = pad_id(tok)
     config = GenerationConfig(do_sample=True, top_k=top_k, top_p=1.0, temperature=1.0, repetition_penalty=1.0,
                               max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tok.eos_token_id)
     fork = dict(devices=[param.device.index or 0], device_type=param.device.type) if param.device.type != "cpu" \
@@ -83,9 +84,8 @@ def generate(model: nn.Module, tok, prompts: Sequence[str], max_new_tokens: int 
             torch.manual_seed(seed)
             for start in range(0, len(prompts), batch_size):
                 enc = tok(list(prompts[start:start + batch_size])).input_ids
-                width = max(len(e) for e in enc)
-                ids = torch.tensor([[pad] * (width - len(e)) + list(e) for e in enc], device=param.device)
-                mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc], device=param.device)
+                ids, mask = (x.to(param.device) for x in pad_batch(enc, pad, side="left"))
+                width = ids.shape[1]
                 out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
                 for e, row in zip(enc, out):
                     text = tok.decode(list(e) + row[width:].tolist(), skip_special_tokens=True)

@@ -6,12 +6,10 @@ and EasyEdit's teacher-forced token accuracy (Wang et al. 2024, ``test_predictio
 ``(x, y)`` the model reads ``x + " " + y`` and we keep, for every target token ``y_j``, its log-prob
 and the argmax token at the position that predicts it (docs/metrics/scoring.md).
 
-Tokenization (the difference method): ``ids(x + " " + y) = enc(x) + target``. ``enc`` is the
-tokenizer's own default call, so BOS is added exactly when the tokenizer adds it (Llama-style yes,
-SmolLM2/GPT-2 no), the same way for prompt and full string; special tokens a tokenizer appends at
-the *end* (EOS templates) are dropped from both. When BPE merges across the prompt/target boundary
-(``enc(x)`` is not a prefix of ``enc(x + " " + y)``) we fall back to ``enc(x) + enc(" " + y)``
-without special tokens, the ROME anchor's choice, and flag the pair (``boundary_merge``).
+Tokenization: ``harness.tokens.encode_pairs`` (the difference method, ``ids(x + " " + y) =
+enc(x) + target``; ``enc(x) + enc(" " + y)`` flagged ``boundary_merge`` when the tokenizer merges
+across the boundary), the same function the edit algorithms train with, so an edit is scored on
+the tokens it was trained on.
 
 Batching: identical pairs are scored once. Targets sharing a prompt share one row: the prompt is
 read once, and each multi-token target adds a *branch* holding its tokens but the last; a 4D
@@ -19,7 +17,7 @@ attention mask lets a branch see the prompt and itself only, and explicit positi
 every branch right after the prompt (so the numbers equal a separate forward per pair). Models
 whose attention takes no custom 4D mask (flash attention, stubs) get one multi-token branch per
 row with an ordinary 2D mask; single-token targets need no branch (they read the last prompt
-position). Rows are right-padded by hand (``tokenizer.padding_side`` is never used), sorted by
+position). Rows are right-padded by hand (``harness.tokens.pad_batch``; ``tokenizer.padding_side`` is never used), sorted by
 length, and chunked ``batch_size`` rows per forward; logits are projected only at the positions
 that predict targets (``logits_to_keep``) and normalised in float32 whatever the model dtype.
 """
@@ -34,24 +32,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from harness.tokens import Pair, PromptTarget, encode_pairs, pad_batch, pad_id
+
 log = logging.getLogger(__name__)
-
-Pair = tuple[str, str]
-
-
-@dataclass(frozen=True)
-class EncodedPair:
-    """Token ids of one pair: the model reads ``prompt_ids + target_ids``.
-
-    Attributes:
-        prompt_ids: ``enc(prompt)`` (with the tokenizer's leading special tokens, e.g. BOS).
-        target_ids: the target's tokens (non-empty).
-        boundary_merge: True when the difference method failed and the fallback was used.
-    """
-
-    prompt_ids: tuple[int, ...]
-    target_ids: tuple[int, ...]
-    boundary_merge: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,58 +70,6 @@ class PairScore:
 
 
 # ----------------------------------------------------------------------------------------------
-# tokenization
-
-
-def _suffix_specials(tok) -> int:
-    """How many special tokens ``tok`` appends after a text by default (0 for GPT-2 and Llama)."""
-    with_special = tok("a").input_ids
-    plain = tok("a", add_special_tokens=False).input_ids
-    n = len(plain)
-    for k in range(len(with_special) - n + 1):
-        if list(with_special[k:k + n]) == list(plain):
-            return len(with_special) - k - n
-    raise ValueError("cannot locate the text tokens inside the tokenizer's default encoding")
-
-
-def encode_pairs(tok, pairs: Sequence[Pair]) -> list[EncodedPair]:
-    """Token ids of each pair by the difference method (see the module docstring).
-
-    Args:
-        tok: a Hugging Face tokenizer (callable on a list of strings).
-        pairs: (prompt, target) strings; targets are written without a leading space.
-
-    Returns:
-        One ``EncodedPair`` per input pair, in order.
-
-    Raises:
-        ValueError: an empty target encoding, or a prompt with no tokens at all (nothing to
-            predict the first target token from).
-    """
-    if not pairs:
-        return []
-    cut = _suffix_specials(tok)
-    prompts = list(dict.fromkeys(p for p, _ in pairs))
-    enc_p = tok(prompts).input_ids
-    p_ids = {p: tuple(ids[:len(ids) - cut]) for p, ids in zip(prompts, enc_p)}
-    enc_f = tok([p + " " + t for p, t in pairs]).input_ids
-    out = []
-    for (p, t), full in zip(pairs, enc_f):
-        full = tuple(full[:len(full) - cut])
-        head = p_ids[p]
-        if not head:
-            raise ValueError(f"prompt {p!r} encodes to no tokens; nothing predicts the target")
-        if full[:len(head)] == head and len(full) > len(head):
-            out.append(EncodedPair(head, full[len(head):]))
-        else:
-            tail = tuple(tok(" " + t, add_special_tokens=False).input_ids)
-            out.append(EncodedPair(head, tail, boundary_merge=True))
-        if not out[-1].target_ids:
-            raise ValueError(f"target {t!r} encodes to no tokens")
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
 # rows
 
 
@@ -168,7 +99,7 @@ class _Row:
         return ids, seg, pos, where
 
 
-def _rows(encoded: Sequence[EncodedPair], prompt_keys: Sequence[str], tree: bool, share: bool) -> list[_Row]:
+def _rows(encoded: Sequence[PromptTarget], prompt_keys: Sequence[str], tree: bool, share: bool) -> list[_Row]:
     """Group pairs into rows: with ``tree`` one row per prompt; otherwise at most one multi-token
     target per row (single-token targets ride on the prompt's first row); without ``share`` one
     pair per row."""
@@ -234,18 +165,15 @@ def _chunks(rows: Sequence[_Row], batch_size: int, pad_to: int | None) -> list[t
     return out
 
 
-def _forward(model: nn.Module, rows: Sequence[_Row], t: int, pad_id: int, tree: bool, keep_logits: bool,
+def _forward(model: nn.Module, rows: Sequence[_Row], t: int, pad: int, tree: bool, keep_logits: bool,
              device: torch.device, dtype: torch.dtype) -> list[list[tuple[list[float], list[int]]]]:
     """One forward over ``rows`` right-padded to width ``t``; per row, per target: (log-probs, argmax ids)."""
     layouts = [r.layout() for r in rows]
     b = len(rows)
-    ids = torch.full((b, t), pad_id, dtype=torch.long)
-    seg = torch.full((b, t), -1, dtype=torch.long)
-    pos = torch.zeros((b, t), dtype=torch.long)
+    ids, _ = pad_batch([lay[0] for lay in layouts], pad, width=t)
+    seg, _ = pad_batch([lay[1] for lay in layouts], -1, width=t)
+    pos, _ = pad_batch([lay[2] for lay in layouts], 0, width=t)
     n_prompt = torch.tensor([len(r.prompt) for r in rows])
-    for i, (row_ids, row_seg, row_pos, _) in enumerate(layouts):
-        n = len(row_ids)
-        ids[i, :n], seg[i, :n], pos[i, :n] = torch.tensor(row_ids), torch.tensor(row_seg), torch.tensor(row_pos)
     real = seg >= 0
     if tree:
         q, k = seg[:, :, None], seg[:, None, :]
@@ -324,7 +252,7 @@ def score_pairs(model: nn.Module, tok, pairs: Sequence[Pair], batch_size: int = 
     device, dtype = _device_dtype(model)
     tree = share_prompts and supports_tree(model)
     rows = _rows(encoded, [p for p, _ in unique], tree, share_prompts)
-    pad_id = next((i for i in (tok.pad_token_id, tok.eos_token_id) if i is not None), 0)
+    pad = pad_id(tok)
     keep_logits = _keeps_logits(model)
     results: dict[int, PairScore] = {}
     was_training = model.training
@@ -332,7 +260,7 @@ def score_pairs(model: nn.Module, tok, pairs: Sequence[Pair], batch_size: int = 
     try:
         with torch.no_grad():
             for chunk, width in _chunks(rows, batch_size, pad_to):
-                for row, per in zip(chunk, _forward(model, chunk, width, pad_id, tree, keep_logits, device, dtype)):
+                for row, per in zip(chunk, _forward(model, chunk, width, pad, tree, keep_logits, device, dtype)):
                     for (i, target), (lp, top) in zip(row.targets, per):
                         results[i] = PairScore(target, tuple(lp), tuple(top), encoded[i].boundary_merge)
     finally:
