@@ -110,16 +110,18 @@ class ProbesConfig:
             families registered as default (``counterfact`` and ``easyedit``).
         batch_size: rows per scorer forward pass (and prompts per generation batch).
         fluency: add the ``fluency`` family (same as naming it in ``metrics``).
-        fluency_max_new_tokens, fluency_max_prompts: the ``fluency`` family's settings
+        fluency_max_length, fluency_max_prompts: the ``fluency`` family's settings
             (``<family>_<setting>``; see ``harness.probes.fluency.FluencySettings``).
+        fluency_short: add the ``fluency_short`` family (the earlier 32-token fluency, its defaults).
         seed: the sampling seed of generating families.
     """
 
     metrics: Optional[List[str]] = None
     batch_size: int = 32
     fluency: bool = False
-    fluency_max_new_tokens: int = 32
-    fluency_max_prompts: Optional[int] = 2
+    fluency_max_length: int = 100
+    fluency_max_prompts: Optional[int] = None
+    fluency_short: bool = False
     seed: int = 0
 
 

@@ -145,13 +145,14 @@ def test_scores_and_fluency_ignore_the_tokenizer_padding_side(tiny):
 
     model, tok = tiny
     reqs = list(load_requests("counterfact", limit=4).requests)
-    probes = build_probes(batch_size=8, fluency=True, fluency_max_new_tokens=4)
+    probes = build_probes(batch_size=8, fluency=True, fluency_max_length=40, fluency_max_prompts=2,
+                          fluency_short=True, fluency_short_max_new_tokens=4)
     out = {}
     for side in ("right", "left"):
         tok.padding_side = side
         out[side] = probes.measure(model, tok, reqs).metrics
     for right, left in zip(out["right"], out["left"]):
-        assert right.keys() == left.keys() and "fluency" in right
+        assert right.keys() == left.keys() and {"fluency", "fluency_short"} <= right.keys()
         for k in right:
             assert (math.isnan(right[k]) and math.isnan(left[k])) or left[k] == pytest.approx(right[k], abs=1e-5), k
 
@@ -195,7 +196,7 @@ def test_register_probe_refuses_bad_names_classes_and_clashes():
     with pytest.raises(TypeError, match="non-empty tuple of MetricInfo"):
         register_probe("empty")(type("Empty", (ProbeFamily,), {}))
     assert get_probe("counterfact").__module__ == "harness.probes.counterfact"
-    with pytest.raises(KeyError, match="unknown probe family 'nope'; registered: counterfact, easyedit, fluency"):
+    with pytest.raises(KeyError, match="unknown probe family 'nope'; registered: counterfact, easyedit, fluency, fluency_short"):
         get_probe("nope")
 
 
@@ -251,23 +252,27 @@ def test_suites_are_chosen_by_family_and_metric_names():
     assert mixed.metrics[:2] == ("locality_acc", "efficacy_score") and mixed.metrics[-1] == "fluency"
     assert mixed.families[1].wanted == {"locality_acc"}
     assert build_probes(["score"]).row_metrics() == ["efficacy_score", "paraphrase_score", "neighborhood_score"]
-    assert list(METRICS)[:2] == ["efficacy_score", "efficacy_magnitude"] and METRICS["fluency"].unit == "bits"
+    assert list(METRICS)[:2] == ["efficacy_score", "efficacy_magnitude"] and METRICS["fluency"].unit == "bits x100"
     with pytest.raises(ValueError, match=r"unknown probe family or metric \['effcacy_score'\]; families: "):
         build_probes(["effcacy_score"])
 
 
 def test_family_settings_from_keywords_and_mappings():
-    fl = build_probes(["fluency"], fluency_max_new_tokens=3, fluency_max_prompts=None).families[0]
-    assert (fl.settings.max_new_tokens, fl.settings.max_prompts) == (3, None)
-    fl = build_probes(["fluency"], settings={"fluency": {"max_new_tokens": 5}}).families[0]
-    assert (fl.settings.max_new_tokens, fl.settings.max_prompts) == (5, 2)
-    assert "fluency" not in build_probes(fluency=False, fluency_max_new_tokens=7).metrics  # settings alone add nothing
+    fl = build_probes(["fluency"], fluency_max_length=3, fluency_max_prompts=2).families[0]
+    assert (fl.settings.max_length, fl.settings.max_prompts) == (3, 2)
+    fl = build_probes(["fluency"], settings={"fluency": {"max_length": 5}}).families[0]
+    assert (fl.settings.max_length, fl.settings.max_prompts) == (5, None)
+    fs = build_probes(["fluency_short"], fluency_short_max_new_tokens=3).families[0]  # longest family name wins
+    assert (fs.name, fs.settings.max_new_tokens, fs.settings.max_prompts) == ("fluency_short", 3, 2)
+    assert "fluency" not in build_probes(fluency=False, fluency_max_length=7).metrics  # settings alone add nothing
     with pytest.raises(TypeError, match="unexpected keyword 'fluency_max_new_token'"):
         build_probes(fluency_max_new_token=3)
     with pytest.raises(TypeError, match=r"probe family 'fluency': unknown setting\(s\) \['tokens'\]"):
         build_probes(["fluency"], settings={"fluency": {"tokens": 3}})
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
-        build_probes(["fluency"], fluency_max_new_tokens=0)
+        build_probes(["fluency_short"], fluency_short_max_new_tokens=0)
+    with pytest.raises(ValueError, match="fluency: max_length must be >= 1"):
+        build_probes(["fluency"], fluency_max_length=0)
     with pytest.raises(ValueError, match=r"settings for unknown probe family \['fluent'\]"):
         build_probes(settings={"fluent": {}})
 
@@ -293,6 +298,6 @@ def test_summary_table_and_csv_carry_direction_and_unit(tmp_path):
                         {"efficacy_score": 1, "fluency": 1})
     back = read_rows(tmp_path / "s.csv")
     assert [(r["metric"], r["direction"], r["unit"]) for r in back if r["phase"] == "post"] == \
-        [("efficacy_score", "↑", "fraction"), ("fluency", "↑", "bits")]
+        [("efficacy_score", "↑", "fraction"), ("fluency", "↑", "bits x100")]
     text = summary_table(out)
     assert "efficacy_score ↑  fraction" in text and "fluency ↑" in text and "bits" in text

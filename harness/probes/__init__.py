@@ -11,7 +11,7 @@ Public API::
     from harness.probes import METRICS, build_probes, summarize
 
     probes = build_probes()                       # the default families: counterfact, easyedit
-    probes = build_probes(["counterfact", "fluency"], fluency_max_new_tokens=16)
+    probes = build_probes(["counterfact", "fluency"], fluency_max_length=64)
     pre = probes.measure(model, tok, requests)
     post = probes.measure(model, tok, requests, reference=pre)
     table = summarize(post.metrics)               # {metric: {mean, stderr, count, excluded}}, score = HM

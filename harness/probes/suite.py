@@ -190,7 +190,7 @@ def build_probes(metrics: Sequence[str] | None = None, batch_size: int = 32, see
         seed: the seed of sampling families (``fluency``).
         settings: family name -> its settings (mapping or its ``Settings`` dataclass).
         **flat: ``<family>=True`` adds a family (e.g. ``fluency=True``); ``<family>_<setting>=value``
-            sets a setting (e.g. ``fluency_max_new_tokens=16``). Settings of a family that is not
+            sets a setting (e.g. ``fluency_max_length=64``). Settings of a family that is not
             measured are ignored.
 
     Returns:
