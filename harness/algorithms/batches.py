@@ -1,4 +1,4 @@
-"""Teacher-forced batches of prompt + target for the fine-tuning edits (FT-L, FT-M, LoRA; ALGORITHMS.md §4).
+"""Teacher-forced batches of prompt + target for the fine-tuning edits (FT-L, FT-M, LoRA; docs/algorithms/ft.md).
 
 The pairs come tokenised from ``harness.tokens.encode_pairs`` (the tokenisation the probes score
 with). EasyEdit finds where the target starts by counting pad tokens, which is right only under
