@@ -205,8 +205,8 @@ def test_an_entry_point_plugin_is_found_and_measured(tmp_path: Path, monkeypatch
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: chars-probe\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text("[harness.probes]\nchars = chars_probe:Chars\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # undone after the test
-    monkeypatch.setattr(registry, "_ENTRY_POINTS_LOADED", False)
+    monkeypatch.setattr(registry.PROBES, "classes", dict(registry.PROBES.classes))  # undone after the test
+    monkeypatch.setattr(registry.PROBES, "entry_points_loaded", False)
     assert "chars" in available() and get_probe("chars").__module__ == "chars_probe"
 
     ov = ["experiment=smoke", "threads=1", "data.limit=2", "probes.metrics=[chars,rewrite_acc]"]

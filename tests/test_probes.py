@@ -209,7 +209,7 @@ def test_a_reloaded_family_registers_again():
     try:
         assert register_probe("easyedit")(again) is again and get_probe("easyedit") is again
     finally:
-        registry._REGISTRY["easyedit"] = old
+        registry.PROBES.classes["easyedit"] = old
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -57,7 +57,7 @@ def test_same_class_re_registered_after_a_reload_is_allowed():
     try:
         assert register("none")(again) is again and get_algorithm("none") is again
     finally:
-        base._REGISTRY["none"] = old
+        base.ALGORITHMS.classes["none"] = old
 
 
 def test_unknown_hparam_named():

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -36,12 +35,12 @@ import torch
 from torch import nn
 
 from harness.algorithms.hparams import make_hparams
+from harness.registry import Registry
 from harness.types import EditReport, EditRequest
 
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "harness.algorithms"
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 class AlgorithmError(RuntimeError):
@@ -290,65 +289,15 @@ def add_deltas(model: nn.Module, deltas: Mapping[str, torch.Tensor], declared: s
 # ----------------------------------------------------------------------------------------------
 # registry
 
-_REGISTRY: dict[str, type[EditAlgorithm]] = {}
-_ENTRY_POINTS_LOADED = False
+ALGORITHMS: Registry[type[EditAlgorithm]] = Registry("algorithm", EditAlgorithm, ENTRY_POINT_GROUP, "register")
 
-
-def _same_class(a: type, b: Any) -> bool:
-    """Same module and qualified name: the same class, possibly re-created by a module reload. Two
-    classes with one qualname in different modules are different."""
-    return (a.__module__, a.__qualname__) == (getattr(b, "__module__", None), getattr(b, "__qualname__", None))
-
-
-def register(name: str):
-    """Class decorator: register an ``EditAlgorithm`` under a lowercase snake name.
-
-    Raises:
-        ValueError: a malformed name, or a name already taken by another class (a class is the same
-            when its module and qualified name are: re-registering after a reload is allowed).
-    """
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise ValueError(f"algorithm name {name!r} must be lowercase snake case ([a-z][a-z0-9_]*)")
-
-    def deco(cls: type[EditAlgorithm]) -> type[EditAlgorithm]:
-        if not (isinstance(cls, type) and issubclass(cls, EditAlgorithm)):
-            raise TypeError(f"@register({name!r}) needs an EditAlgorithm subclass, got {cls!r}")
-        old = _REGISTRY.get(name)
-        if old is not None and not _same_class(old, cls):
-            raise ValueError(f"algorithm name {name!r} is already registered to {old.__module__}.{old.__qualname__}; "
-                             f"cannot register {cls.__module__}.{cls.__qualname__} under it")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return deco
-
-
-def _load_entry_points() -> None:
-    global _ENTRY_POINTS_LOADED
-    if _ENTRY_POINTS_LOADED:
-        return
-    _ENTRY_POINTS_LOADED = True
-    from importlib.metadata import entry_points
-
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            cls = ep.load()
-        except Exception as exc:  # a broken plugin must not hide the built-in algorithms
-            log.error("could not load algorithm plugin %s = %s: %s", ep.name, ep.value, exc)
-            continue
-        old = _REGISTRY.get(ep.name)
-        if old is None:
-            register(ep.name)(cls)
-        elif not _same_class(old, cls):
-            log.error("algorithm plugin %s = %s not loaded: the name is already registered to %s.%s",
-                      ep.name, ep.value, old.__module__, old.__qualname__)
+#: Class decorator: register an ``EditAlgorithm`` under a lowercase snake name (``harness.registry``).
+register = ALGORITHMS.register
 
 
 def available() -> list[str]:
     """Sorted names of all registered algorithms (built-in and entry-point plugins)."""
-    _load_entry_points()
-    return sorted(_REGISTRY)
+    return sorted(ALGORITHMS.names())
 
 
 def get_algorithm(name: str) -> type[EditAlgorithm]:
@@ -357,10 +306,7 @@ def get_algorithm(name: str) -> type[EditAlgorithm]:
     Raises:
         KeyError: unknown name; the message lists the registered ones.
     """
-    _load_entry_points()
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown algorithm {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
+    return ALGORITHMS.get(name)
 
 
 def create(name: str, hparams: Mapping[str, Any] | None = None, **overrides: Any) -> EditAlgorithm:

@@ -14,22 +14,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping
-from typing import Any
 
-from harness.probes.base import NAME_RE, MetricInfo, ProbeFamily
+from harness.probes.base import MetricInfo, ProbeFamily
+from harness.registry import Registry
 
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "harness.probes"
-
-_REGISTRY: dict[str, type[ProbeFamily]] = {}
-_ENTRY_POINTS_LOADED = False
-
-
-def _same_class(a: type, b: Any) -> bool:
-    """Same module and qualified name: the same class, possibly re-created by a module reload."""
-    return (a.__module__, a.__qualname__) == (getattr(b, "__module__", None), getattr(b, "__qualname__", None))
-
 
 def _check_metrics(name: str, cls: type[ProbeFamily]) -> None:
     """Refuse a family whose metric declarations clash with themselves or with other families."""
@@ -44,7 +35,7 @@ def _check_metrics(name: str, cls: type[ProbeFamily]) -> None:
         if bad:
             raise ValueError(f"probe family {name!r}: aggregate {info.name!r} has inputs {bad} that are not "
                              f"per-case metrics of the family")
-    for other_name, other in _REGISTRY.items():
+    for other_name, other in PROBES.classes.items():
         if other_name == name:
             continue
         clash = sorted(set(names) & (set(other.declared()) | {other_name}))
@@ -54,57 +45,17 @@ def _check_metrics(name: str, cls: type[ProbeFamily]) -> None:
             raise ValueError(f"probe family name {name!r} is a metric of family {other_name!r}")
 
 
-def register_probe(name: str):
-    """Class decorator: register a ``ProbeFamily`` under a lowercase snake name.
+PROBES: Registry[type[ProbeFamily]] = Registry("probe family", ProbeFamily, ENTRY_POINT_GROUP, "register_probe",
+                                               check=_check_metrics)
 
-    Raises:
-        ValueError: a malformed name, a name taken by another class (a class is the same when its
-            module and qualified name are: re-registering after a reload is allowed), or metric
-            names that clash with another family's.
-        TypeError: not a ``ProbeFamily`` subclass, or malformed ``METRICS``.
-    """
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise ValueError(f"probe family name {name!r} must be lowercase snake case ([a-z][a-z0-9_]*)")
-
-    def deco(cls: type[ProbeFamily]) -> type[ProbeFamily]:
-        if not (isinstance(cls, type) and issubclass(cls, ProbeFamily)):
-            raise TypeError(f"@register_probe({name!r}) needs a ProbeFamily subclass, got {cls!r}")
-        old = _REGISTRY.get(name)
-        if old is not None and not _same_class(old, cls):
-            raise ValueError(f"probe family name {name!r} is already registered to {old.__module__}."
-                             f"{old.__qualname__}; cannot register {cls.__module__}.{cls.__qualname__} under it")
-        _check_metrics(name, cls)
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return deco
-
-
-def _load_entry_points() -> None:
-    global _ENTRY_POINTS_LOADED
-    if _ENTRY_POINTS_LOADED:
-        return
-    _ENTRY_POINTS_LOADED = True
-    from importlib.metadata import entry_points
-
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            cls = ep.load()
-            old = _REGISTRY.get(ep.name)
-            if old is None:
-                register_probe(ep.name)(cls)
-            elif not _same_class(old, cls):
-                log.error("probe plugin %s = %s not loaded: the name is already registered to %s.%s",
-                          ep.name, ep.value, old.__module__, old.__qualname__)
-        except Exception as exc:  # a broken plugin must not hide the built-in probes
-            log.error("could not load probe plugin %s = %s: %s", ep.name, ep.value, exc)
+#: Class decorator: register a ``ProbeFamily`` under a lowercase snake name; its metric names must be
+#: unique across families and differ from every family's name (``harness.registry``).
+register_probe = PROBES.register
 
 
 def available() -> list[str]:
     """Names of all registered probe families (built-in and entry-point plugins), in registration order."""
-    _load_entry_points()
-    return list(_REGISTRY)
+    return PROBES.names()
 
 
 def get_probe(name: str) -> type[ProbeFamily]:
@@ -113,24 +64,19 @@ def get_probe(name: str) -> type[ProbeFamily]:
     Raises:
         KeyError: unknown name; the message lists the registered ones.
     """
-    _load_entry_points()
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown probe family {name!r}; registered: {', '.join(_REGISTRY)}")
-    return _REGISTRY[name]
+    return PROBES.get(name)
 
 
 def family_of(metric: str) -> str | None:
     """The name of the family declaring ``metric``, or None."""
-    _load_entry_points()
-    return next((n for n, cls in _REGISTRY.items() if metric in cls.declared()), None)
+    return next((n for n, cls in PROBES if metric in cls.declared()), None)
 
 
 class _Metrics(Mapping[str, MetricInfo]):
     """Read-only view: metric name -> ``MetricInfo`` of every registered family, always current."""
 
     def _table(self) -> dict[str, MetricInfo]:
-        _load_entry_points()
-        return {name: info for cls in _REGISTRY.values() for name, info in cls.declared().items()}
+        return {name: info for _, cls in PROBES for name, info in cls.declared().items()}
 
     def __getitem__(self, name: str) -> MetricInfo:
         return self._table()[name]
