@@ -112,6 +112,8 @@ class ProbesConfig:
         fluency: add the ``fluency`` family (same as naming it in ``metrics``).
         fluency_max_new_tokens, fluency_max_prompts: the ``fluency`` family's settings
             (``<family>_<setting>``; see ``harness.probes.fluency.FluencySettings``).
+        wild_context, wild_margin: the ``wild`` family's settings (see
+            ``harness.probes.wild.WildSettings``); used when a config names the family.
         seed: the sampling seed of generating families.
     """
 
@@ -120,6 +122,8 @@ class ProbesConfig:
     fluency: bool = False
     fluency_max_new_tokens: int = 32
     fluency_max_prompts: Optional[int] = 2
+    wild_context: str = "question-only"
+    wild_margin: int = 5
     seed: int = 0
 
 

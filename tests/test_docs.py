@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 SOURCES = ("harness", "tests", "bench", "conf")
 ALGORITHM_PAGES = {"ft_m": "ft.md"}  # pages that document more than one algorithm
-PROTOCOL_PAGES = {"counterfact": "counterfact.md", "easyedit": "easyedit.md", "generation": "fluency.md"}
+PROTOCOL_PAGES = {"counterfact": "counterfact.md", "easyedit": "easyedit.md", "generation": "fluency.md",
+                  "wild": "wild.md"}
 CELL_SPLIT = re.compile(r"(?<!\\)\|")
 
 
