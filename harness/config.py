@@ -113,6 +113,8 @@ class ProbesConfig:
         fluency_max_length, fluency_max_prompts: the ``fluency`` family's settings
             (``<family>_<setting>``; see ``harness.probes.fluency.FluencySettings``).
         fluency_short: add the ``fluency_short`` family (the earlier 32-token fluency, its defaults).
+        wild_context, wild_margin: the ``wild`` family's settings (see
+            ``harness.probes.wild.WildSettings``); used when a config names the family.
         seed: the sampling seed of generating families.
     """
 
@@ -122,6 +124,8 @@ class ProbesConfig:
     fluency_max_length: int = 100
     fluency_max_prompts: Optional[int] = None
     fluency_short: bool = False
+    wild_context: str = "question-only"
+    wild_margin: int = 5
     seed: int = 0
 
 
