@@ -38,6 +38,10 @@ class ModelConfig:
         trust_remote_code: passed to transformers.
         spec: overrides of the architecture table (``ModelSpec`` fields).
         tiny: keyword arguments of ``tiny_model`` when ``source == "tiny"``.
+        weights: a state_dict file overlaid onto the loaded model (``.safetensors``, or a
+            ``.pt``/``.pth``/``.bin`` pickle loaded weights-only; see ``harness.weights``).
+        weights_strict: refuse a ``weights`` file with missing, unexpected or mis-shaped keys;
+            false overlays the keys that fit and logs what it skipped.
     """
 
     source: str = MISSING
@@ -46,6 +50,8 @@ class ModelConfig:
     trust_remote_code: bool = False
     spec: Optional[Dict[str, Any]] = None
     tiny: Optional[Dict[str, Any]] = None
+    weights: Optional[str] = None
+    weights_strict: bool = True
 
 
 @dataclass
