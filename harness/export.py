@@ -208,24 +208,26 @@ def _verify_hf(model: torch.nn.Module, directory: Path) -> None:
 
 
 def _write(model: torch.nn.Module, tok: Any, fmt: str, tmp: Path, prompts: Sequence[str], atol: float,
-           min_agreement: float, opset: int) -> Parity | None:
+           min_agreement: float, opset: int, optimize: bool) -> tuple[Parity | None, dict[str, Any]]:
+    """Write ``fmt`` into ``tmp``; return the parity figures (ONNX) and manifest entries."""
     if fmt == "hf":
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         _verify_hf(model, tmp)
-        return None
+        return None, {}
     if fmt == "state_dict":
         save_state_dict(model, tmp / "state_dict.safetensors")
-        return None
+        return None, {}
     from harness.onnx_export import check_parity, export_graph, require_onnx
 
     require_onnx()
     if not prompts:
         raise ExportError("the ONNX parity check needs prompts; the run gave none")
     model.to(device="cpu", dtype=torch.float32)  # exact from bf16/fp16; ORT's CPU kernels are float32
-    export_graph(model, tok, tmp / "model.onnx", prompts, opset=opset)
+    seconds = export_graph(model, tok, tmp / "model.onnx", prompts, opset=opset, optimize=optimize)
     tok.save_pretrained(tmp)
-    return check_parity(model, tok, tmp / "model.onnx", prompts, atol=atol, min_agreement=min_agreement)
+    parity = check_parity(model, tok, tmp / "model.onnx", prompts, atol=atol, min_agreement=min_agreement)
+    return parity, {"opset": opset, "optimized": optimize, "graph_seconds": round(seconds, 3)}
 
 
 def _check_out(fmt: str, out: str | Path, overwrite: bool) -> Path:
@@ -239,13 +241,15 @@ def _check_out(fmt: str, out: str | Path, overwrite: bool) -> Path:
 
 def export_model(model: torch.nn.Module, tok: Any, fmt: str, out: str | Path, *, prompts: Sequence[str] = (),
                  atol: float = DEFAULT_ATOL, min_agreement: float = 1.0, opset: int = DEFAULT_OPSET,
-                 overwrite: bool = False, manifest: dict[str, Any] | None = None) -> ExportResult:
+                 optimize: bool = True, overwrite: bool = False,
+                 manifest: dict[str, Any] | None = None) -> ExportResult:
     """Write ``model`` (+ tokenizer) into ``out`` in format ``fmt``, atomically, with ``export.json``.
 
     Args:
         fmt: ``hf``, ``onnx`` or ``state_dict``.
         prompts: the ONNX parity prompts (required for ``onnx``).
-        atol, min_agreement, opset: ONNX bounds and opset (see ``harness.onnx_export``).
+        atol, min_agreement, opset, optimize: ONNX bounds, opset and graph optimizer (see
+            ``harness.onnx_export``).
         overwrite: replace a non-empty ``out``.
         manifest: extra entries for ``export.json`` (where the model came from).
 
@@ -265,13 +269,13 @@ def export_model(model: torch.nn.Module, tok: Any, fmt: str, out: str | Path, *,
         t0 = time.perf_counter()
         digest = model_digest(model)
         try:
-            parity = _write(model, tok, fmt, tmp, prompts, atol, min_agreement, opset)
+            parity, extra = _write(model, tok, fmt, tmp, prompts, atol, min_agreement, opset, optimize)
         except ParityError as exc:
             raise ParityError(f"{out} not written: the exported graph disagrees with PyTorch: "
                               f"{exc.parity.summary()}", exc.parity) from None
         seconds = time.perf_counter() - t0
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        info = {"format": fmt, **(manifest or {}), "weights_digest": digest, "seconds": round(seconds, 3),
+        info = {"format": fmt, **(manifest or {}), **extra, "weights_digest": digest, "seconds": round(seconds, 3),
                 "files": files, "parity": parity.as_dict() if parity else None}
         (tmp / "export.json").write_text(json.dumps(info, indent=2, default=str))
         if out.is_dir():
@@ -289,7 +293,7 @@ def export_model(model: torch.nn.Module, tok: Any, fmt: str, out: str | Path, *,
 def export_run(source: str | Path, fmt: str, out: str | Path, *, run_dir: str | Path | None = None,
                base: bool = False, device: str = "cpu", dtype: str | None = None, max_prompts: int = 32,
                atol: float = DEFAULT_ATOL, min_agreement: float = 1.0, opset: int = DEFAULT_OPSET,
-               overwrite: bool = False) -> ExportResult:
+               optimize: bool = True, overwrite: bool = False) -> ExportResult:
     """Export the model a run left (``resolve_source`` + ``load_source`` + ``export_model``).
 
     Args:
@@ -316,7 +320,7 @@ def export_run(source: str | Path, fmt: str, out: str | Path, *, run_dir: str | 
     manifest = {"source": str(source), "run_dir": str(src.run_dir), "delta": str(src.delta) if src.delta else None,
                 "delta_tensors": names, "model": src.config["model"], "dtype": str(next(model.parameters()).dtype)}
     result = export_model(model, tok, fmt, out, prompts=prompts, atol=atol, min_agreement=min_agreement,
-                          opset=opset, overwrite=overwrite, manifest=manifest)
+                          opset=opset, optimize=optimize, overwrite=overwrite, manifest=manifest)
     result.delta_tensors = names
     return result
 
@@ -339,6 +343,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help="ONNX parity: max absolute logit difference")
     p.add_argument("--min-agreement", type=float, default=1.0, help="ONNX parity: min argmax agreement")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    p.add_argument("--no-optimize", action="store_true",
+                   help="skip onnxscript's graph optimizer (export ~2.5x faster, logits a little further from PyTorch's)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--threads", type=int, help="torch/onnxruntime CPU threads")
     return p
@@ -355,7 +361,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         res = export_run(args.source, args.format, args.out, run_dir=args.run, base=args.base, device=args.device,
                          dtype=args.dtype, max_prompts=args.max_prompts, atol=args.atol,
-                         min_agreement=args.min_agreement, opset=args.opset, overwrite=args.overwrite)
+                         min_agreement=args.min_agreement, opset=args.opset, optimize=not args.no_optimize,
+                         overwrite=args.overwrite)
     except (ExportError, ParityError, MissingDependencyError, SnapshotError, WeightsError, FileNotFoundError) as exc:
         print(f"export failed: {exc}", file=sys.stderr)
         return 1
@@ -363,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{res.format} export of {args.source} -> {res.out}: {len(res.files)} file(s), {size / 2**20:.1f} MiB, "
           f"{res.seconds:.1f}s, {len(res.delta_tensors)} edited tensor(s)")
     if res.parity is not None:
-        print(f"ONNX parity: {res.parity.summary()}")
+        print(f"ONNX parity ({res.parity.seconds:.1f}s): {res.parity.summary()}")
         for p in res.parity.predictions[:5]:
             print(f"  {p['prompt']!r} -> torch {p['torch']!r}, onnx {p['onnx']!r}")
     return 0

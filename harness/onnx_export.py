@@ -94,13 +94,16 @@ def _encode(tok: Any, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
 
 
 def export_graph(model: nn.Module, tok: Any, path: str | Path, sample_prompts: Sequence[str],
-                 opset: int = DEFAULT_OPSET) -> float:
+                 opset: int = DEFAULT_OPSET, optimize: bool = True) -> float:
     """Write ``model`` (float32, on the CPU) as an ONNX graph with dynamic batch and sequence axes.
 
     Args:
         sample_prompts: prompts traced through; the shortest and the longest make a batch of two
             that is longer than two tokens, so neither axis is specialised to its sample size.
         opset: the ONNX opset of the graph.
+        optimize: run onnxscript's graph optimizer (constant folding, fusions). On SmolLM2 it made
+            the export 2.5x slower (177 s against 70 s on 2 busy cores) and the logits closer to
+            PyTorch's (max difference 8.6e-5 against 2.1e-4 on three prompts).
 
     Returns:
         Seconds the export took.
@@ -128,7 +131,8 @@ def export_graph(model: nn.Module, tok: Any, path: str | Path, sample_prompts: S
         torch.onnx.export(LogitsOnly(model).eval(), (enc["input_ids"], enc["attention_mask"]), str(path),
                           dynamo=True, input_names=["input_ids", "attention_mask"], output_names=["logits"],
                           dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
-                          opset_version=opset, external_data=n_bytes > EXTERNAL_DATA_BYTES, verbose=False)
+                          opset_version=opset, external_data=n_bytes > EXTERNAL_DATA_BYTES, optimize=optimize,
+                          verbose=False)
     seconds = time.perf_counter() - t0
     log.info("exported %s (opset %d) in %.1fs", path, opset, seconds)
     return seconds
@@ -145,6 +149,7 @@ class Parity:
         next_token_agreement: the same at each prompt's last position (the greedy next token).
         atol, min_agreement: the bounds checked.
         predictions: per prompt, the PyTorch and ONNX greedy next token (decoded).
+        seconds: how long the check took (session creation included).
     """
 
     n_prompts: int
@@ -155,6 +160,7 @@ class Parity:
     atol: float
     min_agreement: float
     predictions: list[dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
 
     @property
     def passed(self) -> bool:
@@ -203,6 +209,7 @@ def check_parity(model: nn.Module, tok: Any, path: str | Path, prompts: Sequence
         raise ValueError("check_parity needs at least one prompt")
     if atol < 0 or not 0 <= min_agreement <= 1:
         raise ValueError(f"parity bounds: atol={atol} must be >= 0 and min_agreement={min_agreement} in [0, 1]")
+    t0 = time.perf_counter()
     session = onnx_session(path)
     max_diff, agree, total, next_agree = 0.0, 0, 0, 0
     predictions = []
@@ -226,7 +233,8 @@ def check_parity(model: nn.Module, tok: Any, path: str | Path, prompts: Sequence
             predictions.append({"prompt": prompt, "torch": tok.decode([t_id]), "onnx": tok.decode([o_id])})
     parity = Parity(n_prompts=len(prompts), n_positions=total, max_abs_diff=max_diff,
                     argmax_agreement=agree / max(total, 1), next_token_agreement=next_agree / len(prompts),
-                    atol=atol, min_agreement=min_agreement, predictions=predictions)
+                    atol=atol, min_agreement=min_agreement, predictions=predictions,
+                    seconds=time.perf_counter() - t0)
     log.info("ONNX parity: %s", parity.summary())
     if raise_on_fail and not parity.passed:
         raise ParityError(f"{path}: the exported graph disagrees with PyTorch: {parity.summary()}", parity)
