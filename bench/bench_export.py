@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
+from harness.algorithms import get_algorithm
 from harness.cli import compose_config, to_config
 from harness.config import validate
 from harness.data import load_requests
-from harness.editor import Editor
+from harness.editor import Editor, apply_delta
 from harness.export import export_model, export_run
 from harness.models import load_model
 from harness.onnx_export import check_parity
-from harness.algorithms import get_algorithm
 from harness.snapshot import bit_equal
 
 DARRIEUX = {"case_id": "0", "prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux",
@@ -73,8 +73,6 @@ def smollm2(out: Path) -> None:
               f"MiB; run prompts: {p.summary()}; Darrieux -> torch {pred['torch']!r}, onnx {pred['onnx']!r}")
         m, t = load_model("smollm2", device="cpu", dtype="float32")
         if not base:
-            from harness.editor import apply_delta
-
             apply_delta(m, run_dir / "delta.safetensors")
         t0 = time.perf_counter()
         w = check_parity(m, t, out / f"onnx_{name}" / "model.onnx", wide, raise_on_fail=False)
@@ -84,7 +82,8 @@ def smollm2(out: Path) -> None:
         res = export_run(run_dir, fmt, out / fmt, overwrite=True)
         print(f"SmolLM2 {fmt}: {res.seconds:.1f}s, {_mib(res.files):.1f} MiB")
     t0 = time.perf_counter()
-    m, _ = load_model("smollm2", device="cpu", dtype="float32", weights=str(out / "state_dict" / "state_dict.safetensors"))
+    sd = out / "state_dict" / "state_dict.safetensors"
+    m, _ = load_model("smollm2", device="cpu", dtype="float32", weights=str(sd))
     differ = [n for n, p in m.named_parameters() if not bit_equal(p, edited[n])]
     print(f"state_dict overlay (load + overlay {time.perf_counter() - t0:.1f}s): {len(differ)} parameter(s) differ "
           f"from the edited model")

@@ -344,7 +344,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-agreement", type=float, default=1.0, help="ONNX parity: min argmax agreement")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     p.add_argument("--no-optimize", action="store_true",
-                   help="skip onnxscript's graph optimizer (export ~2.5x faster, logits a little further from PyTorch's)")
+                   help="skip onnxscript's graph optimizer (export ~2.5x faster, logits a bit further from PyTorch's)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--threads", type=int, help="torch/onnxruntime CPU threads")
     return p

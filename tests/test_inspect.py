@@ -37,7 +37,8 @@ def test_layer_totals_add_up_to_the_model(tiny) -> None:
     assert sum(t["bytes"] for t in totals.values()) == sum(t.numel() * t.element_size() for t in unique.values())
     assert totals["model.layers.0"]["targets"] == 1 and totals["model.layers.0"]["tensors"] == 9
     assert totals["model.layers.1"]["snapshot_bytes"] == 0 and totals["lm_head"]["bytes"] == 0  # tied: counted once
-    assert layer_of("transformer.h.11.mlp.c_proj.weight") == "transformer.h.11" and layer_of("lm_head.weight") == "lm_head"
+    assert layer_of("transformer.h.11.mlp.c_proj.weight") == "transformer.h.11"
+    assert layer_of("lm_head.weight") == "lm_head"
 
 
 def test_cli_prints_marks_and_writes_csv(tmp_path: Path, capsys) -> None:
