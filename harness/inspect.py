@@ -60,7 +60,7 @@ def _rows(named: Iterable[tuple[str, torch.Tensor, str, bool | None]], targets: 
     rows, first = [], {}
     for name, t, kind, trainable in named:
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-        tied = first.setdefault(key, name)
+        tied = first.setdefault(key, name) if t.numel() else name  # empty tensors share null pointers
         nbytes = t.numel() * t.element_size()
         hit = None if targets is None else name in targets
         rows.append({"name": name, "kind": kind, "shape": "x".join(map(str, t.shape)) or "()",

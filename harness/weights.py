@@ -128,6 +128,8 @@ def alias_groups(model: nn.Module) -> dict[str, list[str]]:
     first: dict[tuple[int, int, tuple[int, ...]], str] = {}
     groups: dict[str, list[str]] = {}
     for name, t in model.state_dict(keep_vars=True).items():
+        if t.numel() == 0:
+            continue  # empty tensors may all report the same (null) data pointer
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         if key in first:
             groups.setdefault(first[key], []).append(name)
