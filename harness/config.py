@@ -52,6 +52,10 @@ class ModelConfig:
         family: the model family whose algorithm settings apply (``smollm2``, ``gpt2``, ``llama``;
             None: the defaults). Set by the group ``family`` (a model file selects it; ``family=llama``
             on the command line), never directly: the group also selects the settings.
+        weights: a state_dict file overlaid onto the loaded model (``.safetensors``, or a
+            ``.pt``/``.pth``/``.bin`` pickle loaded weights-only; see ``harness.weights``).
+        weights_strict: refuse a ``weights`` file with missing, unexpected or mis-shaped keys;
+            false overlays the keys that fit and logs what it skipped.
     """
 
     source: str = MISSING
@@ -61,6 +65,8 @@ class ModelConfig:
     trust_remote_code: bool = False
     spec: Optional[Dict[str, Any]] = None
     tiny: Optional[Dict[str, Any]] = None
+    weights: Optional[str] = None
+    weights_strict: bool = True
 
 
 @dataclass

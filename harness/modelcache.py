@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from harness.config import Config
-from harness.models import load_model
+from harness.models import load_configured
 from harness.probes import Measurement
 from harness.snapshot import model_digest
 from harness.types import EditRequest
@@ -64,8 +64,8 @@ class ModelCache:
     @staticmethod
     def key(cfg: Config) -> str:
         m = cfg.model
-        return json.dumps([m.source, m.cache_dir, m.trust_remote_code, m.spec, m.tiny, cfg.device, cfg.dtype],
-                          sort_keys=True, default=str)
+        return json.dumps([m.source, m.cache_dir, m.trust_remote_code, m.spec, m.tiny, m.weights, m.weights_strict,
+                           cfg.device, cfg.dtype], sort_keys=True, default=str)
 
     def get(self, cfg: Config) -> LoadedModel:
         """The model of ``cfg``: reused when cached and still bit-identical to its load, else loaded."""
@@ -77,8 +77,7 @@ class ModelCache:
             log.warning("the cached model no longer matches its load-time fingerprint; reloading")
         self.clear()
         t0 = time.perf_counter()
-        model, tok = load_model(cfg.model.source, device=cfg.device, dtype=cfg.dtype, cache_dir=cfg.model.cache_dir,
-                                trust_remote_code=cfg.model.trust_remote_code, spec=cfg.model.spec, tiny=cfg.model.tiny)
+        model, tok = load_configured(cfg.model, device=cfg.device, dtype=cfg.dtype)
         self._entry, self._key = LoadedModel(model, tok, model_digest(model)), key
         log.info("loaded %s in %.1fs", cfg.model.name or cfg.model.source, time.perf_counter() - t0)
         return self._entry

