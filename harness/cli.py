@@ -14,7 +14,6 @@ worker processes), ``submitit_local`` and ``submitit_slurm``/``slurm``.
 from __future__ import annotations
 
 import logging
-import math
 import sys
 from collections.abc import Sequence
 from typing import NoReturn

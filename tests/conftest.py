@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.models import _TINY_CORPUS, load_model
+from harness.models import load_model
+from harness.tiny import _TINY_CORPUS
 
 # The development data (full CounterFact and zsRE files) lives beside the repository, in
 # ``../shared/data`` relative to its root; it is not shipped, so tests that need it skip without it.

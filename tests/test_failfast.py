@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.algorithms.direct import Direct
 from harness.cli import compose_config, to_config
 from harness.config import ConfigError
 from harness.data import load_requests

@@ -24,7 +24,8 @@ import torch
 from harness.algorithms import create
 from harness.algorithms.base import WRITE_ERROR_WARN, AlgorithmError, write_deltas
 from harness.algorithms.locate import compute_keys
-from harness.models import _TINY_CORPUS, load_model, model_spec
+from harness.models import load_model, model_spec
+from harness.tiny import _TINY_CORPUS
 from harness.types import EditRequest
 
 F64 = torch.float64

@@ -90,7 +90,7 @@ REQS = (
 
 def corpus_file(tmp_path):
     """A small local text corpus for C (sampling text from the model would cost seconds)."""
-    from harness.models import _TINY_CORPUS
+    from harness.tiny import _TINY_CORPUS
 
     path = tmp_path / "corpus.txt"
     if not path.exists():

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from harness.models import load_model, tiny_model
+from harness.models import tiny_model
 from harness.probes import build_probes, counterfact, easyedit, encode_pairs, score_pairs, summarize
 from harness.probes.scorer import PairScore
 from harness.types import QA, EditRequest

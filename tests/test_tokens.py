@@ -10,7 +10,8 @@ import torch
 from harness.algorithms.batches import prompt_batch, target_batch
 from harness.algorithms.target_rows import build_rows
 from harness.data import load_requests
-from harness.models import _TINY_CORPUS, smollm2_dir, tiny_model
+from harness.models import smollm2_dir, tiny_model
+from harness.tiny import _TINY_CORPUS
 from harness.probes import counterfact, easyedit, score_pairs
 from harness.tokens import encode_pairs, pad_batch, pad_id, target_text
 from harness.types import EditRequest
