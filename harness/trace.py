@@ -239,8 +239,9 @@ def run_trace(model: torch.nn.Module, tok: Any, requests: Sequence[EditRequest],
     hidden = int(get_module(model, spec.embed).weight.shape[-1])
     t0 = time.perf_counter()
     rows, records = [], []
-    steps = sum(len(p.ids) - p.subject[0] for p in prompts) * len(options.kinds)
-    with tqdm(total=steps, desc="causal tracing", unit="token", disable=not progress) as bar:
+    # work: the tokens run from each traced position on, per kind (``trace_record``'s step)
+    work = sum(n * (n + 1) // 2 for n in (len(p.ids) - p.subject[0] for p in prompts)) * len(options.kinds)
+    with tqdm(total=work, desc="causal tracing", unit="tok", disable=not progress) as bar:
         for i, (r, prompt) in enumerate(zip(requests, prompts)):
             bar.set_postfix_str(r.subject[:24])
             noise = make_noise(options.samples, prompt.subject[1] - prompt.subject[0], hidden, std,

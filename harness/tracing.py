@@ -25,7 +25,6 @@ hooks are removed in ``finally``; tensors follow the model's device.
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -192,12 +191,21 @@ def _hooked(model: nn.Module, edits: dict[str, Callable[[torch.Tensor], torch.Te
             h.remove()
 
 
-def _last_logits(model: nn.Module, **kw: Any) -> tuple[torch.Tensor, Any]:
-    """Logits at the last position ``[B, V]`` and the model output; the unembedding runs at the last
-    position only when the model allows it."""
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
-        kw["logits_to_keep"] = 1
-    out = model(**kw)
+def _last_logits(model: nn.Module, spec: ModelSpec, **kw: Any) -> tuple[torch.Tensor, Any]:
+    """Logits at the last position ``[B, V]`` and the model output.
+
+    A pre-hook hands the unembedding the last position only, as a contiguous ``[B, 1, d]``: a
+    strided slice there (transformers' ``logits_to_keep``) makes torch's CPU matmul read the whole
+    vocabulary matrix once per row, which cost more than all the blocks of a short suffix.
+    """
+    def last_only(_m: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        return (args[0][:, -1:].contiguous(), *args[1:]) if args else None
+
+    handle = get_module(model, spec.unembed).register_forward_pre_hook(last_only)
+    try:
+        out = model(**kw)
+    finally:
+        handle.remove()
     return out.logits[:, -1], out
 
 
@@ -220,7 +228,7 @@ class CleanRun:
 
 
 @torch.no_grad()
-def clean_run(model: nn.Module, ids: Sequence[int], modules: Sequence[str]) -> CleanRun:
+def clean_run(model: nn.Module, spec: ModelSpec, ids: Sequence[int], modules: Sequence[str]) -> CleanRun:
     """Run the prompt once, keeping the outputs of ``modules``."""
     states: dict[str, torch.Tensor] = {}
 
@@ -232,7 +240,7 @@ def clean_run(model: nn.Module, ids: Sequence[int], modules: Sequence[str]) -> C
 
     x = torch.tensor([list(ids)], device=model_device(model))
     with _hooked(model, {m: keep(m) for m in dict.fromkeys(modules)}):
-        logits, _ = _last_logits(model, input_ids=x, use_cache=False)
+        logits, _ = _last_logits(model, spec, input_ids=x, use_cache=False)
     return CleanRun(states, _probs(logits[0]))
 
 
@@ -314,7 +322,7 @@ def corrupted_run(model: nn.Module, spec: ModelSpec, prompt: TracePrompt, noise:
                for layer in range(n_layers)]
     try:
         with _hooked(model, edits):
-            logits, _ = _last_logits(model, input_ids=x, use_cache=False)
+            logits, _ = _last_logits(model, spec, input_ids=x, use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -330,7 +338,7 @@ def corrupted_prefix(model: nn.Module, spec: ModelSpec, prompt: TracePrompt, noi
     x = torch.tensor([list(prompt.ids[:end])], device=device).repeat(noise.shape[0], 1)
     edits = _corrupt_and_restore(spec.embed, noise.to(device), prompt.subject, 0, end, 1, [()], {}, device)
     with _hooked(model, edits):
-        _, out = _last_logits(model, input_ids=x, use_cache=True)
+        _, out = _last_logits(model, spec, input_ids=x, use_cache=True)
     return output_cache(out)
 
 
@@ -409,7 +417,7 @@ def restored_probs(model: nn.Module, spec: ModelSpec, prompt: TracePrompt, clean
     blocks = replay.blocks if replay is not None and replay.blocks is not None else []
     outputs = [lambda h=h: h[:, start:].repeat_interleave(n_sets, dim=0) for h in blocks[:skip]]
     with _replayed(model, spec, outputs), _hooked(model, edits):
-        logits, _ = _last_logits(model, **kw)
+        logits, _ = _last_logits(model, spec, **kw)
     p = _probs(logits)[:, prompt.answer_id]
     return p.view(samples, n_sets).mean(0).cpu()
 
@@ -440,7 +448,7 @@ class RecordTrace:
 
 def trace_record(model: nn.Module, spec: ModelSpec, prompt: TracePrompt, noise: torch.Tensor,
                  kinds: Sequence[str] = TRACE_KINDS, window: int = 10, max_rows: int = 50,
-                 step: Callable[[], None] | None = None) -> RecordTrace:
+                 step: Callable[[int], Any] | None = None) -> RecordTrace:
     """Trace every (token from the subject on, layer) of one prompt for each kind.
 
     A prompt whose ``answer_id`` is -1 traces the model's top prediction on the clean prompt.
@@ -450,7 +458,8 @@ def trace_record(model: nn.Module, spec: ModelSpec, prompt: TracePrompt, noise: 
         kinds: any of ``TRACE_KINDS``; ``residual`` restores one block output, the others the
             outputs of ``window_layers(layer, L, window)``.
         max_rows: at most this many rows (samples x restored points) per forward.
-        step: called after each (token, kind), for a progress bar.
+        step: called after each (token t, kind) with ``T - t``, the tokens each of its forwards
+            ran (a measure of the work done, for a progress bar).
 
     Returns:
         A ``RecordTrace``.
@@ -464,7 +473,7 @@ def trace_record(model: nn.Module, spec: ModelSpec, prompt: TracePrompt, noise: 
         raise ValueError(f"noise covers {noise.shape[1]} tokens, the subject {end - start}")
     templates = {k: kind_template(spec, k) for k in kinds}
     modules = [spec.embed] + [t.format(layer) for t in templates.values() for layer in range(n_layers)]
-    clean = clean_run(model, prompt.ids, modules)
+    clean = clean_run(model, spec, prompt.ids, modules)
     if prompt.answer_id < 0:  # trace the model's own prediction (ROME's choice)
         prompt = replace(prompt, answer_id=int(clean.probs.argmax()))
     corrupt = corrupted_run(model, spec, prompt, noise)
@@ -484,5 +493,5 @@ def trace_record(model: nn.Module, spec: ModelSpec, prompt: TracePrompt, noise: 
                 scores[kind][t, lo: lo + len(centres)] = restored_probs(
                     model, spec, prompt, clean, noise, restores, start=t, prefix=prefix, replay=corrupt, skip=skip)
             if step is not None:
-                step()
+                step(n_tok - t)
     return RecordTrace(prompt, float(clean.probs[prompt.answer_id]), p_corrupt, int(clean.probs.argmax()), scores)

@@ -87,7 +87,7 @@ def test_window_layers_follow_rome() -> None:
 def test_restoring_the_subject_embeddings_or_the_last_block_recovers_the_clean_run(tiny) -> None:
     model, tok = tiny
     spec, prompt = model_spec(model), _prompt(tok)
-    clean = clean_run(model, prompt.ids, _all_modules(model))
+    clean = clean_run(model, spec, prompt.ids, _all_modules(model))
     p_clean = float(clean.probs[prompt.answer_id])
     noise = _noise(prompt)
     corrupt = corrupted_run(model, spec, prompt, noise)
@@ -126,7 +126,7 @@ def test_grid_identities_with_cache_and_replay(tiny) -> None:
     assert torch.equal(res[:start], torch.full((start, res.shape[1]), trace.p_corrupt))  # not traced
     # a middle point, recomputed with the full sequence and no replay: same value
     t = start + 2
-    clean = clean_run(model, prompt.ids, _all_modules(model))
+    clean = clean_run(model, spec, prompt.ids, _all_modules(model))
     for kind, template in (("residual", spec.layer), ("mlp", spec.mlp), ("attn", spec.attn)):
         full = restored_probs(model, spec, prompt, clean, noise, [[(template.format(0), t)]])
         assert float(full[0]) == pytest.approx(float(trace.scores[kind][t, 0]), rel=1e-5), kind
