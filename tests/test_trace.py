@@ -1,4 +1,4 @@
-"""Causal tracing (``harness.tracing``, ``python -m harness.trace``) on the tiny models, and once on SmolLM2.
+"""Causal tracing (``harness.trace``, ``python -m harness.trace``) on the tiny models, and once on SmolLM2.
 
 The identities checked here hold for any causal LM, so the tiny model's random "facts" do: with no
 noise nothing changes; restoring the embeddings of the subject, or the last block's output at every
@@ -16,19 +16,17 @@ import torch
 from harness.algorithms.locate import subject_last_index
 from harness.data import load_requests
 from harness.models import model_spec, num_layers
-from harness.trace import TOKEN_GROUPS, TraceOptions, main, peak, run_trace, token_groups
-from harness.tracing import (
+from harness.trace import TOKEN_GROUPS, TraceOptions, peak, run_trace, token_groups
+from harness.trace.cli import main
+from harness.trace.patch import (
     clean_run,
     corrupted_prefix,
     corrupted_run,
-    encode_trace_prompt,
-    make_noise,
-    noise_std,
     restored_probs,
-    subject_token_range,
     trace_record,
     window_layers,
 )
+from harness.trace.prompts import encode_trace_prompt, make_noise, noise_std, subject_token_range
 from harness.types import EditRequest
 
 TEMPLATE, SUBJECT = "The mother tongue of {} is", "Danielle Darrieux"

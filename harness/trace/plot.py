@@ -64,7 +64,8 @@ def plot_trace(path: str | Path, summary: Sequence[Mapping[str, Any]], kind: str
             col = int(values.argmax())
             ax.add_patch(Rectangle((col, row), 1, 1, fill=False, edgecolor="black", lw=1.2))
     what = TITLES.get(kind, kind)
-    ax.set_title(f"Average indirect effect of restoring {what}" + (f" ({n} records)" if n else ""), fontsize=9)
+    records = f" ({n} record{'s' if n != 1 else ''})" if n else ""
+    ax.set_title(f"Average indirect effect of restoring {what}{records}", fontsize=9)
     ax.set_xlabel("layer" if window == 1 else f"centre of {window} restored {what} layers", fontsize=8)
     bar = fig.colorbar(image, ax=ax)
     bar.set_label(f"AIE on p({answer})", fontsize=8)

@@ -1,45 +1,15 @@
-"""``python -m harness.trace [OPTIONS...] [OVERRIDES...]``: which layer stores the facts? (causal tracing)
-
-Causal tracing (Meng et al. 2022, ROME §2.1; the method is in ``harness.tracing``) over the first
-``n`` records of any data set: the subject's token embeddings are corrupted with Gaussian noise of
-``noise_scale`` (3) times the standard deviation of subject embeddings, then the clean state of each
-(token, layer) is restored (the residual stream; MLP and attention outputs windowed), and the
-probability of the true object is recorded. Tokens are grouped as in ROME's figure (first, middle,
-last subject token, first subsequent token, further tokens, last token); the average indirect
-effect (AIE) of each group and layer is written and drawn, and the layer where the MLP effect at
-the last subject token peaks is printed with the override that edits there.
-
-    python -m harness.trace model=smollm2 data=counterfact n=20
-    python -m harness.trace model=tiny n=2 samples=3 out=runs/trace/tiny threads=1
-    python -m harness.trace data=zsre n=50 window=5 answer=predicted
-
-Options (``key=value``; everything else is a Hydra override of ``conf/config.yaml``, whose
-``model``, ``data`` (kind, path, offset), ``seed``, ``device``, ``dtype`` and ``threads`` apply):
-    n=20               records to trace (from ``data.offset`` on; ``data.limit`` is ignored)
-    samples=10         noise samples per record (ROME: 10)
-    noise_scale=3.0    noise std = noise_scale x std of subject embeddings (0: no corruption)
-    noise_std=null     give the noise std directly instead
-    noise_subjects=100 how many records' subjects the embedding std is estimated from
-    window=10          layers restored together for mlp/attn (ROME: 10)
-    kinds=residual,mlp,attn
-    answer=true        true: the true object's first token; predicted: the model's own top token
-    max_rows=50        rows (samples x restored layers) per forward: fewer let more blocks be
-                       replayed instead of computed (CPU); more fill an accelerator
-    out=DIR            output directory (default runs/trace/<date>_<time>_<model>)
-
-Writes ``trace.csv`` (record, kind, token_group, layer, effect), ``trace_summary.csv`` (mean, sem
-and count over records), ``trace_records.csv`` (per record: answer, p_clean, p_corrupt, subject
-span), ``trace.json`` (options, noise std, peaks, timing) and ``trace_<kind>.png``.
+"""Causal tracing over many records: options, per-record effect rows by ROME's token groups, their
+averages (the average indirect effect, AIE), the peak layer, and the files ``run_trace`` writes
+(``trace.csv``, ``trace_summary.csv``, ``trace_records.csv``, ``trace.json``, ``trace_<kind>.png``).
+The command line is ``harness.trace.cli``.
 """
 from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -47,44 +17,15 @@ import torch
 from tqdm.auto import tqdm
 
 from harness.models import get_module, model_spec, num_layers
-from harness.results import format_table, write_csv, write_json
-from harness.trace_plot import plot_trace
-from harness.tracing import TRACE_KINDS, RecordTrace, encode_trace_prompt, make_noise, noise_std, trace_record
+from harness.results import write_csv, write_json
+from harness.trace.patch import TRACE_KINDS, RecordTrace, trace_record
+from harness.trace.plot import plot_trace
+from harness.trace.prompts import TOKEN_GROUPS, encode_trace_prompt, make_noise, noise_std, token_groups
 from harness.types import EditRequest
 
 log = logging.getLogger(__name__)
 
-#: ROME's token groups, in the order of its figure: (CSV name, label).
-TOKEN_GROUPS: tuple[tuple[str, str], ...] = (
-    ("first_subject", "first subject token"),
-    ("middle_subject", "middle subject tokens"),
-    ("last_subject", "last subject token"),
-    ("first_after", "first subsequent token"),
-    ("further", "further tokens"),
-    ("last", "last token"),
-)
 ANSWERS = ("true", "predicted")
-
-
-def token_groups(n_tokens: int, subject: tuple[int, int]) -> dict[str, list[int]]:
-    """Token positions of each of ROME's groups for a prompt of ``n_tokens`` with subject span ``[start, end)``.
-
-    A one-token subject is both the first and the last subject token (as in ROME); the first
-    subsequent token is the one right after the subject unless that is the last token; groups a
-    prompt lacks (no middle, no further tokens) are empty.
-    """
-    start, end = subject
-    if not 0 <= start < end <= n_tokens:
-        raise ValueError(f"subject span {subject} is not inside {n_tokens} tokens")
-    last = n_tokens - 1
-    return {
-        "first_subject": [start],
-        "middle_subject": list(range(start + 1, end - 1)),
-        "last_subject": [end - 1],
-        "first_after": [end] if end < last else [],
-        "further": list(range(end + 1, last)),
-        "last": [last],
-    }
 
 
 @dataclass
@@ -272,51 +213,3 @@ def run_trace(model: torch.nn.Module, tok: Any, requests: Sequence[EditRequest],
         "p_corrupt_mean": sum(r["p_corrupt"] for r in records) / len(records),
         "peaks_last_subject": {k: {"layer": lay, "effect": e} for k, (lay, e) in peaks.items()}})
     return TraceResult(out, summary, records, peaks, std, seconds)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; ``argv`` are trace options plus Hydra overrides."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in args or "--help" in args:
-        print(__doc__)
-        return 0
-    from harness.cli import compose_config, to_config
-    from harness.data import load_requests
-    from harness.models import load_model
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    options, overrides = TraceOptions.parse(args)
-    cfg = to_config(compose_config(overrides))
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    model, tok = load_model(cfg.model.source, device=cfg.device, dtype=cfg.dtype, cache_dir=cfg.model.cache_dir,
-                            trust_remote_code=cfg.model.trust_remote_code, spec=cfg.model.spec, tiny=cfg.model.tiny)
-    d = cfg.data
-    loaded = load_requests(d.kind, d.path, limit=max(options.n, options.noise_subjects), offset=d.offset,
-                           skip_invalid=d.skip_invalid).requests
-    name = cfg.model.name or cfg.model.source
-    out = Path(options.out or f"runs/trace/{datetime.now():%Y-%m-%d_%H-%M-%S}_{name}")
-    result = run_trace(model, tok, loaded[: options.n], options, out, seed=cfg.seed,
-                       noise_requests=loaded[options.n:],
-                       meta={"model": name, "data": {"kind": d.kind, "path": d.path, "offset": d.offset}})
-    recs = result.records
-    print(f"\ncausal tracing of {name}: {len(recs)} record(s), {options.samples} noise sample(s) of std "
-          f"{result.noise_std:.4f}, {result.seconds:.0f}s")
-    print(f"p({options.answer} answer): clean {sum(r['p_clean'] for r in recs) / len(recs):.4f}, "
-          f"corrupted {sum(r['p_corrupt'] for r in recs) / len(recs):.4f}")
-    table = []
-    for kind in options.kinds:
-        last = peak(result.summary, kind, "last")
-        table.append({"kind": kind, "peak layer (last subject token)": result.peaks[kind][0],
-                      "AIE": result.peaks[kind][1], "peak layer (last token)": last[0], "AIE ": last[1]})
-    print(format_table(table, list(table[0]), floatfmt="{:.4f}"))
-    if "mlp" in result.peaks:
-        layer = result.peaks["mlp"][0]
-        print(f"\nthe MLP effect at the last subject token peaks at layer {layer}; to edit there:\n"
-              f"  python -m harness algorithm=rome algorithm.hparams.layer={layer}")
-    print(f"tables and heatmaps: {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
