@@ -243,13 +243,17 @@ def test_cli_prints_the_peak_and_the_override(tmp_path, capsys) -> None:
 
 @pytest.mark.slow
 def test_smollm2_two_records(smollm2, tmp_path) -> None:
-    """On the real model the corruption hurts the true object and restoring states brings it back."""
+    """On the real model, for two facts it knows, the corruption hurts the true object and
+    restoring states brings it back."""
     model, tok = smollm2
-    short = sorted(_requests(10), key=lambda r: len(r.rewrite_prompt))[:2]  # the grid grows with length^2
-    result = run_trace(model, tok, short, TraceOptions(n=2, samples=3), tmp_path, progress=False)
+    known = [EditRequest(case_id="french", prompt=TEMPLATE, subject=SUBJECT, target_new="English",
+                         target_true="French"),
+             EditRequest(case_id="paris", prompt="The capital of {} is", subject="France", target_new="Rome",
+                         target_true="Paris")]
+    result = run_trace(model, tok, known, TraceOptions(n=2, samples=3), tmp_path, progress=False)
     p_clean = sum(r["p_clean"] for r in result.records) / 2
     p_corrupt = sum(r["p_corrupt"] for r in result.records) / 2
-    assert p_corrupt < p_clean / 2
+    assert p_clean > 0.2 and p_corrupt < p_clean / 2
     last = [r for r in result.summary if r["kind"] == "residual" and r["token_group"] == "last"]
     # restoring the last block at the last token restores the clean probability
     assert max(last, key=lambda r: r["layer"])["effect"] == pytest.approx(p_clean - p_corrupt, rel=1e-4)

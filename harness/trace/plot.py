@@ -15,7 +15,7 @@ from typing import Any
 
 #: ROME's colour map per kind.
 CMAPS = {"residual": "Purples", "mlp": "Greens", "attn": "Reds"}
-TITLES = {"residual": "single restored layer (residual stream)", "mlp": "MLP", "attn": "attention"}
+TITLES = {"residual": "the residual stream", "mlp": "MLP", "attn": "attention"}
 
 
 def effect_grid(summary: Sequence[Mapping[str, Any]], kind: str, groups: Sequence[str],
@@ -66,7 +66,8 @@ def plot_trace(path: str | Path, summary: Sequence[Mapping[str, Any]], kind: str
     what = TITLES.get(kind, kind)
     records = f" ({n} record{'s' if n != 1 else ''})" if n else ""
     ax.set_title(f"Average indirect effect of restoring {what}{records}", fontsize=9)
-    ax.set_xlabel("layer" if window == 1 else f"centre of {window} restored {what} layers", fontsize=8)
+    ax.set_xlabel("single restored layer" if window == 1 else f"centre of {window} restored {what} layers",
+                  fontsize=8)
     bar = fig.colorbar(image, ax=ax)
     bar.set_label(f"AIE on p({answer})", fontsize=8)
     bar.ax.tick_params(labelsize=7)

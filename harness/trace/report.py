@@ -150,6 +150,9 @@ def run_trace(model: torch.nn.Module, tok: Any, requests: Sequence[EditRequest],
               meta: Mapping[str, Any] | None = None) -> TraceResult:
     """Trace ``requests``, write the tables, heatmaps and ``trace.json`` into ``out``.
 
+    ``trace.csv`` and ``trace_records.csv`` are rewritten (atomically) after every record; the
+    summary, the heatmaps and ``trace.json`` at the end.
+
     Args:
         requests: the records to trace (``options.n`` is not applied here).
         seed: record i's noise is drawn with seed ``seed * 1_000_003 + i``.
@@ -195,11 +198,12 @@ def run_trace(model: torch.nn.Module, tok: Any, requests: Sequence[EditRequest],
                 "answer": tok.decode([trace.prompt.answer_id]), "predicted": tok.decode([trace.predicted]),
                 "p_clean": trace.p_clean, "p_corrupt": trace.p_corrupt, "n_tokens": len(prompt.ids),
                 "subject_start": prompt.subject[0], "subject_end": prompt.subject[1]})
+            # rewritten after every record, so an interrupted run keeps what it traced
+            write_csv(out / "trace.csv", ["record", "kind", "token_group", "layer", "effect"], rows)
+            write_csv(out / "trace_records.csv", list(records[0]), records)
     seconds = time.perf_counter() - t0
     summary = summarize(rows)
-    write_csv(out / "trace.csv", ["record", "kind", "token_group", "layer", "effect"], rows)
     write_csv(out / "trace_summary.csv", ["kind", "token_group", "layer", "effect", "sem", "n"], summary)
-    write_csv(out / "trace_records.csv", list(records[0]), records)
     peaks = {k: peak(summary, k) for k in options.kinds}
     labels = dict(TOKEN_GROUPS)
     for kind in options.kinds:
