@@ -114,7 +114,14 @@ def test_grid_identities_with_cache_and_replay(tiny) -> None:
     model, tok = tiny
     spec, prompt = model_spec(model), _prompt(tok)
     noise = _noise(prompt)
+    x = torch.tensor([prompt.ids])
+    before = model(input_ids=x).logits
     trace = trace_record(model, spec, prompt, noise, window=1, max_rows=3)  # one layer per forward
+    # the model is left as it was: no hook, no replayed forward
+    assert torch.equal(model(input_ids=x).logits, before)
+    for name, module in model.named_modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks, name
+        assert "forward" not in module.__dict__, name
     start, n_tok = prompt.subject[0], len(prompt.ids)
     res = trace.scores["residual"]
     assert set(trace.scores) == {"residual", "mlp", "attn"}
