@@ -3,7 +3,8 @@
 One picture per kind: token groups as rows (first subject token at the top, last token at the
 bottom), layers as columns, the average indirect effect as colour (purple for the residual stream,
 green for MLP outputs, red for attention outputs, as ROME draws them). The peak at the last
-subject token is outlined.
+subject token is outlined. The colour scale starts at zero (white): negative averages, which are
+noise, show as no effect; the tables keep their values.
 """
 from __future__ import annotations
 
@@ -49,8 +50,10 @@ def plot_trace(path: str | Path, summary: Sequence[Mapping[str, Any]], kind: str
 
     grid = np.ma.masked_invalid(np.array(effect_grid(summary, kind, groups, n_layers), dtype=float))
     fig, ax = plt.subplots(figsize=(max(5.0, 0.22 * n_layers + 2.5), 2.8), dpi=120)
-    lo = min(0.0, float(grid.min())) if grid.count() else 0.0
-    image = ax.pcolormesh(grid, cmap=CMAPS.get(kind, "viridis"), vmin=lo)
+    # white is "no effect": negative averages (noise) are drawn as zero, as ROME's figure draws
+    # probabilities below the corrupted run's
+    top = max(float(grid.max()), 1e-9) if grid.count() else 1.0
+    image = ax.pcolormesh(grid, cmap=CMAPS.get(kind, "viridis"), vmin=0.0, vmax=top)
     ax.invert_yaxis()
     ax.set_yticks([i + 0.5 for i in range(len(groups))])
     ax.set_yticklabels([labels.get(g, g) for g in groups], fontsize=8)
