@@ -136,7 +136,8 @@ def test_shared_helpers_are_defined_once():
                                          "StopForward", "hidden_of", "replace_hidden", "model_device")}
     assert all(len(mods or []) == 1 for mods in where.values()), where
     assert not [n for n in defined if n.lstrip("_") in ("Stop", "EncodedPair")], "a second stop exception or pair type"
-    # the pad-id fallback is read in one place (models.py only gives a tokenizer without a pad token its EOS)
+    # the pad-id fallback is read in one place (tiny.py only passes its tokenizer's pad id to the tiny
+    # model's config)
     readers = sorted({name for name, tree in trees.items() for node in ast.walk(tree)
                       if isinstance(node, ast.Attribute) and node.attr == "pad_token_id"})
-    assert readers == ["harness.models", "harness.tokens"], readers
+    assert readers == ["harness.tiny", "harness.tokens"], readers

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.algorithms.locate import hidden_of, model_device, replace_hidden
+from harness.algorithms.hooks import hidden_of, model_device, replace_hidden
 from harness.models import ModelSpec, cache_kwargs, get_module, num_layers, output_cache
 from harness.trace.prompts import TracePrompt
 

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.algorithms.locate import model_device
-from harness.algorithms.tokens import encode_prompt_target
+from harness.algorithms.hooks import model_device
+from harness.tokens import encode_prompt_target
 from harness.models import ModelSpec, get_module
 
 
