@@ -10,6 +10,7 @@ MEMIT's targets, keys and residuals (memit.py), with the per-layer solve replace
   first use (in the runner's flows: the unedited model; see ``prepare``), kept in the instance,
   and cached on disk beside C (same weights digest and statistics settings, plus the threshold),
   so a later run needs neither C nor the eigendecomposition. It is never recomputed after edits.
+  The provenance of C (``stats.*``, StatsCache.describe) is saved with P and reported with it.
   The number of kept dimensions is logged and reported (``info["nullspace_dim.<layer>"]``); 0 or
   all of them draws a warning (the threshold does not fit this model's C).
 * ``C_p`` (per layer, the unnormalised Σ kkᵀ of keys edited earlier) is the algorithm's state:
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -120,6 +122,7 @@ class AlphaEdit(Memit):
             path = paths.get(layer)
             if path is not None and path.is_file():
                 data = load_file(str(path))
+                self.stats.note(spec, layer, hp.stats, _read_provenance(path))
                 self._put_projector(spec, layer, data["P"], int(data["kept"]))
                 log.info("%s layer %d: loaded P from %s", self.name, layer, path)
         todo = [layer for layer in missing if (spec.mlp_out, layer) not in self._proj]
@@ -128,7 +131,8 @@ class AlphaEdit(Memit):
             proj, kept = nullspace_projector(covs[layer], hp.nullspace_threshold)
             self._put_projector(spec, layer, proj, kept)
             if layer in paths:
-                _save_atomic(paths[layer], {"P": proj.contiguous(), "kept": torch.tensor(kept)})
+                meta = {k: str(v) for k, v in self.stats.provenance(spec, layer, hp.stats).items()}
+                _save_atomic(paths[layer], {"P": proj.contiguous(), "kept": torch.tensor(kept)}, meta)
 
     def _put_projector(self, spec: ModelSpec, layer: int, proj: torch.Tensor, kept: int) -> None:
         self._proj[(spec.mlp_out, layer)], self._kept[(spec.mlp_out, layer)] = proj, kept
@@ -162,7 +166,7 @@ class AlphaEdit(Memit):
     def _after_batch(self, model: nn.Module, tok: Any, spec: ModelSpec, requests: Sequence[EditRequest],
                      templates: list[list[str]]) -> dict[str, Any]:
         info: dict[str, Any] = {}
-        for layer in self.hparams.layers:
+        for layer in self.hparams.layers:  # (the stats.* provenance is already in MEMIT's report)
             keys = compute_keys(model, tok, spec, layer, requests, templates).to(device="cpu", dtype=torch.float64)
             kk = keys.T @ keys  # keys is [n, d_ff]: Σ_j k_j k_jᵀ
             old: Optional[torch.Tensor] = self._cp.get(layer)
@@ -172,12 +176,20 @@ class AlphaEdit(Memit):
         return info
 
 
-def _save_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def _read_provenance(path: Path) -> dict[str, Any]:
+    """The ``stats.*`` provenance of C saved beside P (counts back to ints)."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    return {k: int(v) if k in ("stats.n_sequences", "stats.n_tokens") else v
+            for k, v in meta.items() if k.startswith("stats.")}
+
+
+def _save_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: Optional[dict[str, str]] = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp)
+        save_file(tensors, tmp, metadata=meta)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -178,6 +178,7 @@ class Memit(EditAlgorithm):
         self.prepare(model, tok)
         templates = self._context_templates(model, tok)
         info["t_prepare"] = time.perf_counter() - t
+        info.update(self.stats.describe(spec, hp.layers, hp.stats))  # where C came from
 
         t = time.perf_counter()
         z, losses = self._optimize_z(model, tok, spec, requests, templates)

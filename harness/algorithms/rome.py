@@ -166,6 +166,8 @@ class Rome(EditAlgorithm):
                                 f"intended_norm.{name}": max(r["intended_norm"] for r in rows),
                                 f"write_error.{name}": max(r["write_error"] for r in rows),
                                 f"residual.{hp.layer}": max(r["residual"] for r in rows), **timings}
+        if hp.mom2_adjustment:
+            info.update(self.stats.describe(spec, [hp.layer], hp.stats))  # where C came from
         norms = {name: max(r["delta_norm"] for r in rows)}
         if n > 1:
             info["delta_norm_note"] = "max over the sequential single edits (norms, write error and residual)"

@@ -3,10 +3,10 @@
 
 ``k`` is the input of the MLP output projection (``spec.mlp_out``) at one layer; C is uncentered,
 accumulated over every non-pad token of a corpus and divided by the token count (as ROME's
-``layer_stats``). Without the Wikipedia dump the anchors use, the corpus is either text sampled
-from the model itself (``source="model"``: a fixed seed, so the same model gives the same text) or
-a local file (``.txt``: one token stream cut into ``seq_len`` chunks; ``.jsonl``: one document per
-line, field ``"text"``, truncated to ``seq_len``). Gupta et al. ("Efficient Knowledge Editing via
+``layer_stats``). The corpus is text sampled from the model itself (``source="model"``: a fixed
+seed, so the same model gives the same text; not comparable to the papers, and a warning says so),
+a local ``.txt``/``.jsonl`` file sampled with ``seed``, or the anchors' precomputed ``.npz``
+statistics (corpus.py). ``StatsCache.describe`` gives the provenance for reports. Gupta et al. ("Efficient Knowledge Editing via
 Minimal Precomputation") show far fewer than the anchors' 44M vectors suffice; a ridge (applied
 only when solving, ``inverse_apply``) keeps C invertible.
 
@@ -18,8 +18,6 @@ first edit and keeps it in its ``StatsCache``.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import tempfile
@@ -34,15 +32,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from harness.algorithms.corpus import file_digest, load_npz, npz_path, provenance, read_corpus, sample_texts, source_kind
 from harness.algorithms.hooks import Hooks, StopForward, first_input, model_device, run_to_stop
-from harness.models import ModelSpec, cache_kwargs, default_cache_dir, get_module, output_cache
+from harness.models import ModelSpec, default_cache_dir, get_module
 from harness.snapshot import model_digest
 from harness.tokens import pad_batch, pad_id
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
-START_WORDS = ("The", "In", "A", "It", "This", "He", "She", "When", "After", "One")
+__all__ = ["StatsConfig", "StatsCache", "corpus", "read_corpus", "sample_texts", "second_moments", "stats_path"]
 
 
 @dataclass(frozen=True)
@@ -50,15 +49,17 @@ class StatsConfig:
     """Where C comes from and how it is accumulated.
 
     Attributes:
-        source: ``"model"`` (text sampled from the model, top-k 50, fixed ``seed``) or the path of a
-            local ``.txt`` / ``.jsonl`` (field ``"text"``) corpus.
+        source: ``"model"`` (text sampled from the model, top-k 50, fixed ``seed``), the path of a
+            local ``.txt`` / ``.jsonl`` (field ``"text"``) corpus sampled with ``seed``, or of the
+            anchors' ``layer_stats`` ``.npz`` (``{layer}`` / ``{module}`` filled in per layer; the
+            sizes below are then ignored).
         n_samples: number of sequences (documents or chunks), each of at most ``seq_len`` tokens;
             so at most ``n_samples * seq_len`` keys per layer.
         seq_len: tokens per sequence.
         batch_size: sequences per forward pass.
         dtype: accumulation and storage dtype, ``"float32"`` or ``"float64"``.
         ridge: relative ridge for solves: ``C + ridge * mean(diag C) * I`` (``inverse_apply``).
-        seed: sampling seed for ``source="model"``.
+        seed: sampling seed (model text; documents or chunks of a corpus file).
         cache_dir: on-disk cache; None means ``harness.models.default_cache_dir() / "stats"``.
     """
 
@@ -78,10 +79,7 @@ class StatsConfig:
             raise ValueError("n_samples and batch_size must be >= 1, seq_len >= 2")
         if self.ridge < 0:
             raise ValueError(f"ridge must be >= 0, got {self.ridge}")
-        if self.source != "model":
-            path = Path(self.source).expanduser()
-            if path.suffix not in (".txt", ".jsonl"):
-                raise ValueError(f"stats source {self.source!r}: use 'model' or a .txt/.jsonl file")
+        source_kind(self.source)  # raises on an unknown file type
 
     @property
     def root(self) -> Path:
@@ -89,84 +87,14 @@ class StatsConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# corpus
-
-
-@torch.no_grad()
-def sample_texts(model: nn.Module, tok: Any, n_samples: int, seq_len: int, seed: int = 0, batch_size: int = 16,
-                 top_k: int = 50) -> list[list[int]]:
-    """Token ids of ``n_samples`` sequences of ``seq_len`` tokens sampled from ``model``.
-
-    Each batch starts from one of ``START_WORDS`` (in turn) and continues with top-k sampling
-    driven by a ``torch.Generator`` seeded with ``seed`` (the global RNG is not touched), using
-    the model's KV cache. Deterministic for a given model, tokenizer and arguments.
-    """
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    dev = model_device(model)
-    out: list[list[int]] = []
-    n_batches = -(-n_samples // batch_size)
-    for b in tqdm(range(n_batches), desc="sampling stats corpus", leave=False):
-        n = min(batch_size, n_samples - len(out))
-        ids = torch.tensor([tok(START_WORDS[b % len(START_WORDS)])["input_ids"]] * n, device=dev)
-        seq, past, step_in = ids, None, ids
-        while seq.shape[1] < seq_len:
-            res = model(input_ids=step_in, use_cache=True, **cache_kwargs(model, past))
-            past = output_cache(res)
-            top = res.logits[:, -1].float().cpu().topk(top_k, dim=-1)
-            pick = top.indices.gather(1, torch.multinomial(top.values.softmax(-1), 1, generator=gen)).to(dev)
-            seq, step_in = torch.cat([seq, pick], dim=1), pick
-        out += seq[:, :seq_len].tolist()
-    return out
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def read_corpus(tok: Any, path: str | Path, n_samples: int, seq_len: int) -> list[list[int]]:
-    """Token ids from a local corpus: ``.txt`` cut into ``seq_len`` chunks, ``.jsonl`` docs truncated.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: the file yields no sequence of at least two tokens.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"stats corpus {str(path)!r} does not exist")
-    seqs: list[list[int]] = []
-    if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if len(seqs) >= n_samples:
-                    break
-                if line.strip():
-                    ids = tok(json.loads(line)["text"])["input_ids"][:seq_len]
-                    if len(ids) >= 2:
-                        seqs.append(ids)
-    else:
-        stream = tok(path.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
-        seqs = [stream[i:i + seq_len] for i in range(0, len(stream), seq_len)][:n_samples]
-        seqs = [s for s in seqs if len(s) >= 2]
-    if not seqs:
-        raise ValueError(f"stats corpus {str(path)!r} gave no sequence of at least 2 tokens")
-    if len(seqs) < n_samples:
-        log.warning("stats corpus %s has only %d sequences (asked for %d)", path, len(seqs), n_samples)
-    return seqs
+# accumulation and disk cache
 
 
 def corpus(model: nn.Module, tok: Any, cfg: StatsConfig) -> list[list[int]]:
-    """The token sequences ``cfg`` describes (sampled from ``model`` or read from the file)."""
+    """The token sequences ``cfg`` describes (sampled from ``model`` or drawn from the file)."""
     if cfg.source == "model":
         return sample_texts(model, tok, cfg.n_samples, cfg.seq_len, cfg.seed, cfg.batch_size)
-    return read_corpus(tok, cfg.source, cfg.n_samples, cfg.seq_len)
-
-
-# ----------------------------------------------------------------------------------------------
-# accumulation and disk cache
+    return read_corpus(tok, cfg.source, cfg.n_samples, cfg.seq_len, cfg.seed)
 
 
 def stats_path(cfg: StatsConfig, digest: str, module: str) -> Path:
@@ -175,7 +103,7 @@ def stats_path(cfg: StatsConfig, digest: str, module: str) -> Path:
         src = f"model-seed{cfg.seed}"
     else:
         path = Path(cfg.source).expanduser()
-        src = f"{path.stem}-{_file_digest(path)}"
+        src = f"{path.stem}-{file_digest(path)}-seed{cfg.seed}"
     return cfg.root / digest / src / f"{module}.mom2.{cfg.n_samples}x{cfg.seq_len}.{cfg.dtype}.safetensors"
 
 
@@ -214,22 +142,37 @@ def accumulate(model: nn.Module, tok: Any, modules: Sequence[str], seqs: Sequenc
 
 
 def second_moments(model: nn.Module, tok: Any, spec: ModelSpec, layers: Sequence[int], cfg: StatsConfig,
-                   digest: Optional[str] = None) -> tuple[dict[int, torch.Tensor], list[int]]:
-    """C = E[k kᵀ] at each layer, from the disk cache where present, else computed in one pass.
+                   digest: Optional[str] = None, record: Optional[dict[int, dict[str, Any]]] = None,
+                   ) -> tuple[dict[int, torch.Tensor], list[int]]:
+    """C = E[k kᵀ] at each layer: from the anchors' ``.npz``, the disk cache, or computed in one pass.
 
     Args:
         layers: layer indices; keys are the inputs of ``spec.mlp_out`` there.
         digest: the model's ``model_digest`` if already known (it costs one pass over the weights).
+        record: if given, filled with each layer's provenance (``corpus.provenance``).
 
     Returns:
         (C by layer: [d_ff, d_ff] in ``cfg.dtype`` on the CPU; the layers that were computed, not loaded).
+
+    Raises:
+        ValueError: an ``.npz`` source without ``{layer}``/``{module}`` for several layers, or one
+            whose statistics do not fit the module (``corpus.load_npz``).
     """
+    record = {} if record is None else record
+    if source_kind(cfg.source) == "npz":
+        return _from_npz(model, spec, layers, cfg, record), []
+    if cfg.source == "model":
+        log.warning("stats.source=model: C comes from text sampled from the model itself, not the anchors' "
+                    "Wikipedia; lambda/threshold effects and scores are not comparable to the papers")
     digest = digest or model_digest(model)
     out: dict[int, torch.Tensor] = {}
     paths = {layer: stats_path(cfg, digest, spec.mlp_out.format(layer)) for layer in layers}
     for layer, path in paths.items():
         if path.is_file():
-            out[layer] = load_file(str(path))["mom2"]
+            data = load_file(str(path))
+            out[layer] = data["mom2"]
+            n_seq = _metadata(path).get("n_sequences")
+            record[layer] = provenance(cfg.source, int(n_seq) if n_seq else None, int(data["count"]))
             log.info("loaded C for layer %d from %s", layer, path)
     todo = sorted(set(layers) - set(out))
     if todo:
@@ -241,9 +184,35 @@ def second_moments(model: nn.Module, tok: Any, spec: ModelSpec, layers: Sequence
         for layer, module in zip(todo, modules):
             out[layer] = sums[module] / count
             _save_atomic(paths[layer], {"mom2": out[layer].contiguous(), "count": torch.tensor(count)},
-                         {**meta, "digest": digest, "module": module})
-        log.info("computed C for layers %s from %d tokens in %.1fs", todo, count, time.perf_counter() - t)
+                         {**meta, "digest": digest, "module": module, "n_sequences": str(len(seqs))})
+            record[layer] = provenance(cfg.source, len(seqs), count)
+        log.info("computed C for layers %s from %d sequences, %d tokens (%s) in %.1fs", todo, len(seqs), count,
+                 cfg.source, time.perf_counter() - t)
     return out, todo
+
+
+def _from_npz(model: nn.Module, spec: ModelSpec, layers: Sequence[int], cfg: StatsConfig,
+              record: dict[int, dict[str, Any]]) -> dict[int, torch.Tensor]:
+    if len(layers) > 1 and "{layer}" not in cfg.source and "{module}" not in cfg.source:
+        raise ValueError(f"stats source {cfg.source!r} is one .npz for layers {list(layers)}: put {{layer}} or "
+                         "{module} in the path (the anchors' statistics are one file per layer)")
+    out = {}
+    for layer in layers:
+        module = spec.mlp_out.format(layer)
+        path = npz_path(cfg.source, layer, module)
+        weight = get_module(model, module).weight
+        dim = weight.shape[0] if spec.out_transposed else weight.shape[1]
+        cov, count = load_npz(path, dim)
+        out[layer] = cov.to(_DTYPES[cfg.dtype])
+        record[layer] = provenance(cfg.source, None, count, path)
+        log.info("loaded the anchors' C for layer %d from %s (%d keys)", layer, path, count)
+    return out
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
 
 
 def second_moment(model: nn.Module, tok: Any, spec: ModelSpec, layer: int, cfg: StatsConfig) -> torch.Tensor:
@@ -315,6 +284,7 @@ class StatsCache:
 
     def __init__(self) -> None:
         self._cov: dict[tuple, torch.Tensor] = {}
+        self._prov: dict[tuple, dict[str, Any]] = {}
         self._solvers: dict[tuple, Callable[[torch.Tensor], torch.Tensor]] = {}
         self.computed = 0
         self.loaded = 0
@@ -324,11 +294,13 @@ class StatsCache:
         """C for several layers; the missing ones in a single pass over the corpus."""
         missing = [layer for layer in layers if (layer, spec.mlp_out, cfg) not in self._cov]
         if missing:
-            found, computed = second_moments(model, tok, spec, missing, cfg)
+            record: dict[int, dict[str, Any]] = {}
+            found, computed = second_moments(model, tok, spec, missing, cfg, record=record)
             self.computed += len(computed)
             self.loaded += len(missing) - len(computed)
             for layer, cov in found.items():
                 self._cov[(layer, spec.mlp_out, cfg)] = cov
+                self._prov[(layer, spec.mlp_out, cfg)] = record[layer]
         return {layer: self._cov[(layer, spec.mlp_out, cfg)] for layer in layers}
 
     def get(self, model: nn.Module, tok: Any, spec: ModelSpec, layer: int, cfg: StatsConfig) -> torch.Tensor:
@@ -343,6 +315,30 @@ class StatsCache:
             self._solvers[key] = cholesky_solver(self.get(model, tok, spec, layer, cfg), cfg.ridge)
         return self._solvers[key]
 
+    def note(self, spec: ModelSpec, layer: int, cfg: StatsConfig, record: dict[str, Any]) -> None:
+        """Keep the provenance of C at ``layer`` when something derived from it (AlphaEdit's P) was
+        loaded instead of C."""
+        self._prov[(layer, spec.mlp_out, cfg)] = dict(record)
+
+    def provenance(self, spec: ModelSpec, layer: int, cfg: StatsConfig) -> dict[str, Any]:
+        """The ``stats.*`` record of C at ``layer`` (only what ``cfg`` says if C was never loaded)."""
+        return self._prov.get((layer, spec.mlp_out, cfg)) or provenance(cfg.source)
+
+    def describe(self, spec: ModelSpec, layers: Sequence[int], cfg: StatsConfig) -> dict[str, Any]:
+        """Flat ``stats.*`` provenance of C at ``layers`` for a report: kind, source, file digest,
+        sequences and tokens. Values that differ between layers (one ``.npz`` per layer) get a
+        ``.<layer>`` suffix; layers whose C was never loaded give only what ``cfg`` says."""
+        recs = [self.provenance(spec, layer, cfg) for layer in layers]
+        out: dict[str, Any] = {}
+        for key in dict.fromkeys(k for rec in recs for k in rec):
+            values = [rec.get(key) for rec in recs]
+            if all(v == values[0] for v in values):
+                out[key] = values[0]
+            else:
+                out.update({f"{key}.{layer}": v for layer, v in zip(layers, values) if v is not None})
+        return out
+
     def clear(self) -> None:
         self._cov.clear()
+        self._prov.clear()
         self._solvers.clear()
