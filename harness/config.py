@@ -121,6 +121,10 @@ class ProbesConfig:
         fluency_short: add the ``fluency_short`` family (the earlier 32-token fluency, its defaults).
         wild_context, wild_margin: the ``wild`` family's settings (see
             ``harness.probes.wild.WildSettings``); used when a config names the family.
+        capability_corpus, capability_max_tokens, capability_tasks: the ``capability`` family's
+            settings (see ``harness.probes.capability.CapabilitySettings``): a text file for
+            ``perplexity`` (null: the shipped text), tokens read from it, and a JSONL
+            multiple-choice file for ``mc_accuracy`` (null: NaN); used when a config names the family.
         seed: the sampling seed of generating families.
     """
 
@@ -132,6 +136,9 @@ class ProbesConfig:
     fluency_short: bool = False
     wild_context: str = "question-only"
     wild_margin: int = 5
+    capability_corpus: Optional[str] = None
+    capability_max_tokens: int = 1024
+    capability_tasks: Optional[str] = None
     seed: int = 0
 
 
