@@ -107,18 +107,7 @@ def module_input(model: nn.Module, module: nn.Module, **inputs: Any) -> torch.Te
     Raises:
         RuntimeError: the forward never reached ``module``.
     """
-    seen: list[torch.Tensor] = []
-
-    def grab(_m: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        seen.append(first_input(args, kwargs))
-        raise StopForward
-
-    with Hooks() as hooks:
-        hooks.input(module, grab)
-        run_to_stop(model, **inputs)
-    if not seen:
-        raise RuntimeError(f"the forward pass never reached {type(module).__name__}")
-    return seen[0]
+    return _capture(model, module, "input", inputs)
 
 
 def module_output(model: nn.Module, module: nn.Module, **inputs: Any) -> torch.Tensor:
@@ -127,14 +116,26 @@ def module_output(model: nn.Module, module: nn.Module, **inputs: Any) -> torch.T
     Raises:
         RuntimeError: the forward never reached ``module``.
     """
+    return _capture(model, module, "output", inputs)
+
+
+def _capture(model: nn.Module, module: nn.Module, side: str, inputs: dict[str, Any]) -> torch.Tensor:
+    """Run ``model(**inputs)`` until ``module`` is reached; return its first input or its (detached) output."""
     seen: list[torch.Tensor] = []
 
-    def grab(_m: nn.Module, _args: tuple, out: Any) -> None:
+    def grab_input(_m: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        seen.append(first_input(args, kwargs))
+        raise StopForward
+
+    def grab_output(_m: nn.Module, _args: tuple, out: Any) -> None:
         seen.append(hidden_of(out).detach())
         raise StopForward
 
     with Hooks() as hooks:
-        hooks.output(module, grab)
+        if side == "input":
+            hooks.input(module, grab_input)
+        else:
+            hooks.output(module, grab_output)
         run_to_stop(model, **inputs)
     if not seen:
         raise RuntimeError(f"the forward pass never reached {type(module).__name__}")
