@@ -30,7 +30,12 @@ class EditRequest:
         paraphrase_prompts: full prompts (subject filled in) that ask for the same fact.
         neighborhood: prompts about other subjects whose answer must not change.
         portability: prompts whose answer should follow from the edit.
-        generation_prompts: prompts for free generation (fluency).
+        generation_prompts: prompts for free generation (fluency, consistency).
+        relation_id: the fact's relation (Wikidata id such as ``P103``) when the data set gives it;
+            with ``target_new_id`` it selects the consistency probe's reference snippets.
+        target_new_id, target_true_id: the objects' ids (Wikidata, e.g. ``Q150``) when given.
+        attribute_prompts: prompts about other subjects whose true object is ``target_new`` (ROME's
+            CounterFact); kept for analyses, not scored by the built-in probes.
     """
 
     case_id: str
@@ -42,6 +47,10 @@ class EditRequest:
     neighborhood: tuple[QA, ...] = ()
     portability: tuple[QA, ...] = ()
     generation_prompts: tuple[str, ...] = ()
+    relation_id: str | None = None
+    target_new_id: str | None = None
+    target_true_id: str | None = None
+    attribute_prompts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.prompt.count("{}") != 1:

@@ -220,6 +220,25 @@ def test_rome_layout(tmp_path):
                               QA("The native language of Montesquieu is", "French"))
     assert b.target_new == "German" and b.generation_prompts == ()
     assert b.neighborhood == (QA("Where is Paris?", "France"),)
+    assert (a.relation_id, a.target_new_id, a.target_true_id) == ("P103", "Q1860", "Q150")
+    assert a.attribute_prompts == ("J. R. R. Tolkien is a native speaker of",)
+    assert (b.target_new_id, b.target_true_id) == (None, "Q150")  # a plain-string target has no id
+
+
+def test_rome_layout_keeps_every_prompt(tmp_path):
+    """ROME's records hold 2 paraphrase, 10 neighbourhood, ~10 attribute and ~10 generation prompts:
+    all of them reach the request, in file order."""
+    record = rome_record(0)
+    for field, n in (("paraphrase_prompts", 3), ("neighborhood_prompts", 10), ("attribute_prompts", 9),
+                     ("generation_prompts", 11)):
+        record[field] = [f"{field} {i} of Danielle Darrieux" for i in range(n)]
+    record["requested_rewrite"]["relation_id"] = 103  # an integer id is read as a string
+    (r,) = load_requests("counterfact_rome", write_json(tmp_path, [record]))
+    assert r.paraphrase_prompts == tuple(record["paraphrase_prompts"])
+    assert [qa.prompt for qa in r.neighborhood] == record["neighborhood_prompts"]
+    assert r.attribute_prompts == tuple(record["attribute_prompts"])
+    assert r.generation_prompts == tuple(record["generation_prompts"])
+    assert r.relation_id == "103"
 
 
 ROME_BAD = {
@@ -232,6 +251,10 @@ ROME_BAD = {
                      "requested_rewrite.target_new.str", "empty"),
     "wrong type": (_set("paraphrase_prompts", 3), "paraphrase_prompts", "expected a string or a list"),
     "missing list": (lambda r: _drop(r, "neighborhood_prompts"), "neighborhood_prompts", "missing"),
+    "bad relation id": (lambda r: r["requested_rewrite"].__setitem__("relation_id", ["P103"]),
+                        "requested_rewrite.relation_id", "id"),
+    "bad target id": (lambda r: r["requested_rewrite"]["target_new"].__setitem__("id", ""),
+                      "requested_rewrite.target_new.id", "id"),
 }
 
 

@@ -15,12 +15,13 @@ ROME layout (``kind="counterfact_rome"``; the ``counterfact.json`` of ROME and M
     target_new {str, id}, target_true {str, id}, relation_id}, paraphrase_prompts [str],
     neighborhood_prompts [str], attribute_prompts [str], generation_prompts [str]
 ``requested_rewrite`` (with prompt, subject and both targets), ``paraphrase_prompts`` and
-``neighborhood_prompts`` are required; ``generation_prompts`` is optional.
-``target_new``/``target_true`` may also be plain strings. Neighbourhood prompts are scored
-against ``target_true`` (ROME's evaluation), so each becomes ``QA(prompt, target_true)``; an
-element may also be an object ``{prompt, answer}`` (or ``{prompt, target}``) with its own answer.
-``attribute_prompts`` (other subjects whose true object is ``target_new``) have no field in
-``EditRequest`` and are not read; ids and ``relation_id`` are not read either.
+``neighborhood_prompts`` are required; ``generation_prompts``, ``attribute_prompts``, the targets'
+``id`` and ``relation_id`` are optional. ``target_new``/``target_true`` may also be plain strings.
+Every paraphrase, neighbourhood, generation and attribute prompt is kept, in file order.
+Neighbourhood prompts are scored against ``target_true`` (ROME's evaluation), so each becomes
+``QA(prompt, target_true)``; an element may also be an object ``{prompt, answer}`` (or
+``{prompt, target}``) with its own answer. ``relation_id`` and ``target_new.id`` select the
+reference snippets of the ``consistency`` probe (``harness.probes.consistency``).
 """
 from __future__ import annotations
 
@@ -69,7 +70,28 @@ def parse_rome(record: Record) -> EditRequest:
         paraphrase_prompts=record.texts("paraphrase_prompts", required=True),
         neighborhood=record.qa_items("neighborhood_prompts", target_true),
         generation_prompts=record.texts("generation_prompts"),
+        relation_id=_optional_id(rewrite, "relation_id"),
+        target_new_id=_target_id(rewrite, "target_new"),
+        target_true_id=_target_id(rewrite, "target_true"),
+        attribute_prompts=record.texts("attribute_prompts"),
     )
+
+
+def _optional_id(record: Record, field: str) -> str | None:
+    """An optional identifier (string or integer) as a stripped string; None when absent."""
+    if not record.has(field):
+        return None
+    value = record.raw[field]
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
+        raise record.error(field, f"expected a non-empty string or integer id, got {value!r}")
+    return str(value).strip()
+
+
+def _target_id(rewrite: Record, field: str) -> str | None:
+    """The ``id`` of a ``{"str", "id"}`` target; None for a plain-string target or no id."""
+    if not isinstance(rewrite.raw.get(field), dict):
+        return None
+    return _optional_id(rewrite.sub(field), "id")
 
 
 def _target(rewrite: Record, field: str) -> str:
