@@ -125,6 +125,12 @@ class ProbesConfig:
             settings (see ``harness.probes.capability.CapabilitySettings``): a text file for
             ``perplexity`` (null: the shipped text), tokens read from it, and a JSONL
             multiple-choice file for ``mc_accuracy`` (null: NaN); used when a config names the family.
+        consistency_idf, consistency_vocab, consistency_snippets: the ``consistency`` family's
+            reference files (ROME's ``idf.npy``, ``tfidf_vocab.json``, ``attribute_snippets.json``;
+            see ``harness.probes.consistency``); used when a config names the family.
+        consistency_max_length, consistency_max_prompts: its generation settings; the probe
+            configs set them to the fluency ones (``${.fluency_max_length}``) so both families
+            read the same texts.
         seed: the sampling seed of generating families.
     """
 
@@ -139,6 +145,11 @@ class ProbesConfig:
     capability_corpus: Optional[str] = None
     capability_max_tokens: int = 1024
     capability_tasks: Optional[str] = None
+    consistency_idf: Optional[str] = None
+    consistency_vocab: Optional[str] = None
+    consistency_snippets: Optional[str] = None
+    consistency_max_length: int = 100
+    consistency_max_prompts: Optional[int] = None
     seed: int = 0
 
 

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -58,25 +59,39 @@ REQUESTS = [
                 target_true="French", paraphrase_prompts=("Danielle Darrieux spoke", "Darrieux's first language is"),
                 neighborhood=(QA("The mother tongue of Jean Gabin is", "French"),),
                 portability=(QA("The language Danielle Darrieux dreams in is", "English"),),
-                generation_prompts=("Danielle Darrieux was", "Darrieux often said")),
+                generation_prompts=("Danielle Darrieux was", "Darrieux often said"), relation_id="P103",
+                target_new_id="Q1860"),
     EditRequest(case_id="b", prompt="{} plays the", subject="Toko Yasuda", target_new="piano", target_true="guitar",
                 paraphrase_prompts=("Toko Yasuda is a player of the",),
                 neighborhood=(QA("Jimi Hendrix plays the", "guitar"), QA("Miles Davis plays the", "trumpet")),
                 portability=(QA("The instrument in Toko Yasuda's hands is the", "piano"),),
-                generation_prompts=("Toko Yasuda",)),
+                generation_prompts=("Toko Yasuda",), relation_id="P1303", target_new_id="Q5994"),
     EditRequest(case_id="c", prompt="The capital of {} is", subject="France", target_new="the city of Lyon",
                 target_true="Paris", paraphrase_prompts=("France's capital city is",),
                 neighborhood=(QA("The capital of Spain is", "Madrid"),),
                 portability=(QA("The seat of the French government is in", "the city of Lyon"),),
-                generation_prompts=("France is",)),
+                generation_prompts=("France is",), relation_id="P36", target_new_id="Q456"),
 ]
 
 
 # Settings a family needs for every declared metric to have a value (default settings elsewhere):
-# ``capability`` measures ``mc_accuracy`` only with a task file (NaN without one).
-CONTRACT_SETTINGS: dict[str, dict[str, Any]] = {
+# ``capability`` measures ``mc_accuracy`` only with a task file (NaN without one); ``consistency``
+# needs ROME's reference files (written to a temporary folder: a callable receives it).
+def _consistency_files(root: Path) -> dict[str, str]:
+    words = ["danielle", "darrieux", "was", "toko", "yasuda", "france", "is", "english", "piano", "lyon"]
+    np.save(root / "idf.npy", np.linspace(0.5, 3.0, len(words)))
+    (root / "vocab.json").write_text(json.dumps({w: i for i, w in enumerate(words)}))
+    (root / "snippets.json").write_text(json.dumps([
+        {"relation_id": rel, "target_id": tid, "samples": [{"name": "n", "text": text}]}
+        for rel, tid, text in (("P103", "Q1860", "Danielle Darrieux was English"),
+                               ("P1303", "Q5994", "Toko Yasuda and the piano"), ("P36", "Q456", "France is Lyon"))]))
+    return {"idf": str(root / "idf.npy"), "vocab": str(root / "vocab.json"), "snippets": str(root / "snippets.json")}
+
+
+CONTRACT_SETTINGS: dict[str, Any] = {
     "capability": {"tasks": str(Path(__file__).resolve().parents[1] / "harness" / "data" / "samples"
                                 / "capability-mc-example.jsonl")},
+    "consistency": _consistency_files,
 }
 
 
@@ -109,10 +124,11 @@ def test_metadata_is_complete(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", available())
-def test_family_contract_on_the_tiny_model(name: str, model_tok) -> None:
+def test_family_contract_on_the_tiny_model(name: str, model_tok, tmp_path: Path) -> None:
     model, tok = model_tok
     cls = get_probe(name)
     settings = CONTRACT_SETTINGS.get(name)
+    settings = settings(tmp_path) if callable(settings) else settings
     suite = BatchedProbes([cls(settings=settings, batch_size=4)], batch_size=4)
     per_case = [i.name for i in cls.METRICS if i.per_case]
     assert [i.name for i in suite.infos()] == [i.name for i in cls.METRICS]
@@ -159,7 +175,7 @@ def test_family_contract_on_the_tiny_model(name: str, model_tok) -> None:
 
 
 def test_the_contract_covers_every_built_in_family() -> None:
-    assert {"counterfact", "easyedit", "fluency", "toy"} <= set(available())
+    assert {"counterfact", "easyedit", "fluency", "consistency", "toy"} <= set(available())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -196,7 +196,7 @@ def test_register_probe_refuses_bad_names_classes_and_clashes():
     with pytest.raises(TypeError, match="non-empty tuple of MetricInfo"):
         register_probe("empty")(type("Empty", (ProbeFamily,), {}))
     assert get_probe("counterfact").__module__ == "harness.probes.counterfact"
-    with pytest.raises(KeyError, match="unknown probe family 'nope'; registered: capability, counterfact, easyedit, fluency, fluency_short"):
+    with pytest.raises(KeyError, match="unknown probe family 'nope'; registered: capability, consistency, counterfact, easyedit, fluency, fluency_short"):
         get_probe("nope")
 
 

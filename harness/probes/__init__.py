@@ -3,7 +3,8 @@ metrics (protocol, version, unit, direction, aggregation), composed into one sui
 family's (prompt, target) pairs in shared batched forward passes.
 
 Built-in families: ``counterfact`` (probabilities of the ROME paper, Meng et al. 2022), ``easyedit``
-(teacher-forced token accuracies, Wang et al. 2024), ``fluency`` (generation entropy; opt-in), ``wild`` (generation-based EM/F1, Yang et al. 2025; opt-in), ``capability``
+(teacher-forced token accuracies, Wang et al. 2024), ``fluency`` (generation entropy; opt-in), ``consistency`` (ROME's TF-IDF
+reference score; opt-in, needs ROME's files), ``wild`` (generation-based EM/F1, Yang et al. 2025; opt-in), ``capability``
 (perplexity on a text and multiple-choice accuracy, general capability along sequential runs; opt-in).
 Plugins register with ``@register_probe("name")`` or the ``harness.probes`` entry-point group.
 
@@ -23,7 +24,7 @@ from harness.probes.scorer import PairScore, encode_pairs, score_pairs
 from harness.probes.summary import harmonic_mean, summarize
 
 # Built-in families register on import, in this order (the order of table columns).
-from harness.probes import counterfact, easyedit, fluency, wild, capability  # noqa: E402,F401  isort: skip
+from harness.probes import counterfact, easyedit, fluency, consistency, wild, capability  # noqa: E402,F401  isort: skip
 from harness.probes.suite import BatchedProbes, build_probes, probes_from_config  # noqa: E402
 
 __all__ = ["ENTRY_POINT_GROUP", "METRICS", "BatchedProbes", "Measurement", "MetricInfo", "NoSettings", "PairScore",

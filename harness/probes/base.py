@@ -174,6 +174,9 @@ class ProbeFamily:
         default: measured when a config names no family (False for slow or plugin families).
         batch_invariant: a request's values do not depend on which other requests are measured with
             it. False for families that sample (one random stream per call).
+        uses_shared: ``generate`` takes a keyword ``shared``: a dict the suite creates for each
+            ``measure`` call and hands to every such family, where one family leaves work another
+            can reuse (the generated texts that ``fluency`` and ``consistency`` both read).
 
     Args:
         metrics: the declared metrics to report (None: all of them). Aggregates bring their inputs
@@ -192,6 +195,7 @@ class ProbeFamily:
     Settings: ClassVar[type] = NoSettings
     default: ClassVar[bool] = False
     batch_invariant: ClassVar[bool] = True
+    uses_shared: ClassVar[bool] = False
 
     def __init__(self, metrics: Iterable[str] | None = None, settings: Any = None, *, batch_size: int = 32,
                  seed: int = 0) -> None:

@@ -104,13 +104,37 @@ def _per_request(per: Sequence[Sequence[str]], texts: Sequence[str], words: Call
     return out
 
 
-def measure(model: nn.Module, tok, requests: Sequence[EditRequest], max_length: int = 100,
-            batch_size: int = 32, seed: int = 0, max_prompts: int | None = None) -> list[float]:
-    """Per-request ``fluency`` (version 2): mean GE x 100 over texts of ``max_length`` tokens."""
+def generation_texts(model: nn.Module, tok, requests: Sequence[EditRequest], max_length: int = 100,
+                     max_prompts: int | None = None, batch_size: int = 32, seed: int = 0,
+                     shared: dict | None = None) -> list[list[str]]:
+    """Per request, the version 2 texts (``max_length`` tokens, prompt included) of its prompts.
+
+    Args:
+        shared: a dict that lives for one suite ``measure`` call (``ProbeFamily.uses_shared``):
+            texts generated with the same settings for the same requests are taken from it instead
+            of sampled again, so ``fluency`` and ``consistency`` read the same texts.
+    """
     per = [prompts_for(r, max_prompts) for r in requests]
+    key = ("generation_texts", max_length, max_prompts, batch_size, seed, tuple(map(tuple, per)))
+    if shared is not None and key in shared:
+        return shared[key]
     texts = generate(model, tok, [p for ps in per for p in ps], batch_size=batch_size, seed=seed,
                      max_length=max_length)
-    return _per_request(per, texts, nltk_words, 100.0)
+    out, i = [], 0
+    for ps in per:
+        out.append(texts[i:i + len(ps)])
+        i += len(ps)
+    if shared is not None:
+        shared[key] = out
+    return out
+
+
+def measure(model: nn.Module, tok, requests: Sequence[EditRequest], max_length: int = 100,
+            batch_size: int = 32, seed: int = 0, max_prompts: int | None = None,
+            shared: dict | None = None) -> list[float]:
+    """Per-request ``fluency`` (version 2): mean GE x 100 over texts of ``max_length`` tokens."""
+    texts = generation_texts(model, tok, requests, max_length, max_prompts, batch_size, seed, shared)
+    return [100.0 * sum(generation_entropy(t, nltk_words) for t in ts) / len(ts) for ts in texts]
 
 
 def measure_short(model: nn.Module, tok, requests: Sequence[EditRequest], max_new_tokens: int = 32,
@@ -167,12 +191,14 @@ class Fluency(ProbeFamily):
     METRICS = (INFOS["fluency"],)
     Settings = FluencySettings
     batch_invariant = False
+    uses_shared = True
 
-    def generate(self, model: nn.Module, tok, requests: Sequence[EditRequest]) -> list[float] | None:
+    def generate(self, model: nn.Module, tok, requests: Sequence[EditRequest],
+                 shared: dict | None = None) -> list[float] | None:
         if not self.wanted:
             return None
         s = self.settings
-        return measure(model, tok, requests, s.max_length, self.batch_size, self.seed, s.max_prompts)
+        return measure(model, tok, requests, s.max_length, self.batch_size, self.seed, s.max_prompts, shared)
 
     def compute(self, request: EditRequest, scores: Mapping, generated: Any,
                 reference: Mapping[str, Any] | None) -> tuple[dict[str, float], dict[str, Any]]:

@@ -97,7 +97,9 @@ class BatchedProbes:
         needed = [[p for f in self.families for p in f.pairs(r)] for r in requests]
         pairs = [p for ps in needed for p in ps]
         scores = dict(zip(pairs, score_pairs(model, tok, pairs, batch_size=self.batch_size)))
-        generated = [f.generate(model, tok, requests) for f in self.families]
+        shared: dict = {}  # work one family leaves for another in this call (``ProbeFamily.uses_shared``)
+        generated = [f.generate(model, tok, requests, shared=shared) if f.uses_shared
+                     else f.generate(model, tok, requests) for f in self.families]
         columns = self.row_metrics()
         rows: list[dict[str, float]] = []
         extras: list[dict[str, Any]] = []
