@@ -25,7 +25,9 @@ def _compose(overrides: list[str]) -> Config:
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes(experiment: str) -> None:
-    cfg = _compose([f"experiment={experiment}", *SHRINK])
+    # the paper presets need a model path (checked by their dry run, tests/test_presets.py)
+    needs = ["model.source=model-dir"] if experiment.startswith("paper_") else []
+    cfg = _compose([f"experiment={experiment}", *SHRINK, *needs])
     assert isinstance(cfg, Config)
     assert cfg.data.limit == 2
     validate(cfg)  # the algorithm exists and its hyperparameters build
