@@ -18,8 +18,9 @@ it should be) or Ctrl-C ends the run after the Editor restored the weights. No H
 """
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from harness.cases import CaseLog
 from harness.config import Config
 from harness.modelcache import MODEL_CACHE, ModelCache
 from harness.premeasure import PreMeasurements
-from harness.results import SUMMARY, write_summary
+from harness.results import SUMMARY, read_json, write_json, write_summary
 from harness.runlock import RunLock
 from harness.runsetup import SetupError, setup_run
 from harness.sequential import Sequential
@@ -80,7 +81,31 @@ def run(cfg: Config, out_dir: str | Path, overrides: Sequence[str] = (), cache: 
             setup.save_model()
         else:
             Sequential(setup, cases, pre, progress).execute()
+        record_provenance(setup.out, cases.rows, setup.algorithm.provenance_prefixes)
         return finish(cases, setup.out)
+
+
+def provenance(rows: Sequence[Mapping[str, Any]], prefixes: Sequence[str]) -> dict[str, Any]:
+    """The ``EditReport.info`` keys starting with ``prefixes``, from the rows' ``report`` cells (the
+    last written value of each key: the same in every row when the inputs did not change)."""
+    out: dict[str, Any] = {}
+    for row in rows:
+        cell = row.get("report")
+        if not isinstance(cell, str) or not cell or not prefixes:
+            continue
+        info = json.loads(cell).get("info", {})
+        out.update({k: v for k, v in info.items() if k.startswith(tuple(prefixes))})
+    return dict(sorted(out.items()))
+
+
+def record_provenance(out: Path, rows: Sequence[Mapping[str, Any]], prefixes: Sequence[str]) -> None:
+    """Put ``provenance(rows, prefixes)`` into ``run.json`` (key ``provenance``; ``{}`` when the
+    algorithm reports none), beside the config that ``run.json`` already holds."""
+    record = read_json(out / "run.json")
+    if record is None:
+        return
+    record["provenance"] = provenance(rows, prefixes)
+    write_json(out / "run.json", record)
 
 
 def finish(cases: CaseLog, out: Path) -> RunResult:

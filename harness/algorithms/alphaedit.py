@@ -78,6 +78,7 @@ class AlphaEdit(Memit):
     """AlphaEdit batch editing; the accumulated key covariance ``C_p`` is explicit state."""
 
     Hparams = AlphaEditHparams
+    provenance_prefixes = ("stats.", "nullspace_dim.")  # run.json: C's source and P's kept dimension
 
     def __init__(self, hparams: Any = None, **overrides: Any) -> None:
         super().__init__(hparams, **overrides)

@@ -57,6 +57,9 @@ class EditAlgorithm:
 
     name: ClassVar[str] = ""
     Hparams: ClassVar[type] = NoHparams
+    #: prefixes of ``EditReport.info`` keys that say where the run's inputs came from (the key
+    #: statistics ``stats.*``); the run copies them into ``run.json`` (``provenance``).
+    provenance_prefixes: ClassVar[tuple[str, ...]] = ("stats.",)
 
     def __init__(self, hparams: Any = None, **overrides: Any) -> None:
         if hparams is None:
