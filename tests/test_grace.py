@@ -21,11 +21,12 @@ REQS = [EditRequest(str(i), p, s, t, neighborhood=(QA("The sky is", "blue"), QA(
         for i, (p, s, t) in enumerate(FACTS)]
 
 
-def test_replacement_from_the_key_on_and_at_the_key_only():
-    out, value = torch.zeros(1, 4, 2), torch.ones(1, 4, 2)
-    hit = torch.tensor([[False, True, False, False]])
-    assert replace_from(out, value, hit, "from_key")[0, :, 0].tolist() == [0, 1, 1, 1]
-    assert replace_from(out, value, hit, "last")[0, :, 0].tolist() == [0, 1, 0, 0]
+def test_replacement_carries_the_hit_key_forward_or_stays_at_the_hit():
+    out, values = torch.zeros(1, 5, 2), torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])
+    idx = torch.tensor([[2, 0, 2, 1, 2]])  # nearest key per position
+    hit = torch.tensor([[False, True, False, True, False]])
+    assert replace_from(out, values, idx, hit, "from_key")[0, :, 0].tolist() == [0, 1, 1, 2, 2]
+    assert replace_from(out, values, idx, hit, "last")[0, :, 0].tolist() == [0, 1, 0, 2, 0]
 
 
 def test_codebook_rule_adds_expands_and_splits():

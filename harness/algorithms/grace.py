@@ -38,9 +38,9 @@ import torch
 from torch import nn
 
 from harness.algorithms.base import AlgorithmError, EditAlgorithm, register
-from harness.algorithms.batches import target_batch, target_nll
+from harness.algorithms.batches import target_batch
 from harness.algorithms.finetune import input_device
-from harness.algorithms.hooks import module_input, module_output
+from harness.algorithms.hooks import Hooks, first_input, hidden_of, logit_head, module_input, module_output
 from harness.algorithms.memory import Installation, MemoryState
 from harness.models import model_spec, num_layers
 from harness.tokens import encode_pairs, pad_id
@@ -60,7 +60,7 @@ class GraceHparams:
 
     Attributes:
         layer: the block whose ``module`` is wrapped (EasyEdit's Llama-2-7B: 27 of 32).
-        module: the wrapped module's name; None: the model's MLP output projection at ``layer``.
+        module: the wrapped module's name, inside block ``layer``; None: the block's MLP output projection.
         eps: the initial deferral radius of a new key (the reference: 1.0).
         distance: ``euclidean`` (the reference) or ``cosine`` (1 - cosine similarity).
         value_init: ``cold`` (seeded uniform [0, 1) noise, the reference) or ``warm`` (the layer's output).
@@ -106,14 +106,54 @@ def distances(queries: torch.Tensor, keys: torch.Tensor, kind: str) -> torch.Ten
     return torch.cdist(flat, k).reshape(*q.shape[:-1], k.shape[0])
 
 
-def replace_from(out: torch.Tensor, value: torch.Tensor, hit: torch.Tensor, replacement: str) -> torch.Tensor:
-    """``out`` [B, L, d] with ``value`` put where ``hit`` [B, L] (``last``) or from the first hit on (``from_key``).
+def replace_from(out: torch.Tensor, values: torch.Tensor, idx: torch.Tensor, hit: torch.Tensor,
+                 replacement: str) -> torch.Tensor:
+    """``out`` [B, L, d] with codebook values put where the lookup hit.
 
     Args:
-        value: [B, L, d] the value to put at each position (already chosen per position).
+        values: [N, d] the codebook's values.
+        idx: [B, L] the nearest key at each position.
+        hit: [B, L] whether that position lies within its nearest key's radius.
+        replacement: ``last``: hit positions take their key's value; ``from_key``: every position
+            from a hit on takes the value of the latest hit's key (the key is carried forward).
     """
-    mask = hit if replacement == "last" else hit.to(torch.int8).cummax(dim=1).values.bool()
-    return torch.where(mask.unsqueeze(-1), value.to(out.dtype), out)
+    if replacement == "from_key":
+        pos = torch.arange(hit.shape[1], device=hit.device).expand_as(hit)
+        latest = torch.where(hit, pos, torch.full_like(pos, -1)).cummax(dim=1).values
+        hit, idx = latest >= 0, idx.gather(1, latest.clamp(min=0))
+    return torch.where(hit.unsqueeze(-1), values[idx].to(out.dtype), out)
+
+
+class UpperBlocks:
+    """The blocks from ``layer`` up, run on their recorded inputs: training a value at block
+    ``layer`` never changes what the blocks below compute, so they run once, not once per step.
+
+    One full forward records each upper block's call (its hidden-state input, the other arguments:
+    attention mask, rotary embeddings, ...); ``__call__`` re-runs only those blocks, from the
+    recorded input of the first, then the model's own final norm and unembedding at ``read``.
+    """
+
+    def __init__(self, model: nn.Module, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        spec = model_spec(model)
+        self.blocks = [model.get_submodule(spec.layer.format(i)) for i in range(layer, num_layers(model))]
+        self.head = logit_head(model, spec)
+        self.calls: list[tuple[tuple, dict[str, Any]]] = []
+        with Hooks() as hooks, torch.no_grad():
+            for block in self.blocks:
+                hooks.input(block, lambda _m, args, kwargs: self.calls.append((args, kwargs)))
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        if len(self.calls) != len(self.blocks):
+            raise AlgorithmError(f"grace: the forward called {len(self.calls)} of the {len(self.blocks)} upper blocks")
+        args, kwargs = self.calls[0]
+        self.start = first_input(args, kwargs).detach()
+
+    def __call__(self, read: torch.Tensor) -> torch.Tensor:
+        """Logits [B, len(read), vocab] at positions ``read`` [B, R] (the hooks on the blocks apply)."""
+        h = self.start
+        for block, (args, kwargs) in zip(self.blocks, self.calls):
+            out = block(h, *args[1:], **kwargs) if args else block(**{**kwargs, "hidden_states": h})
+            h = hidden_of(out)
+        return self.head(h[torch.arange(h.shape[0], device=h.device)[:, None], read])
 
 
 @register("grace")
@@ -137,7 +177,11 @@ class Grace(EditAlgorithm):
         n = num_layers(model)
         if self.hparams.layer >= n:
             raise AlgorithmError(f"grace: layer {self.hparams.layer} out of range (model has {n} layers)")
-        name = self.hparams.module or model_spec(model).mlp_out.format(self.hparams.layer)
+        spec = model_spec(model)
+        name = self.hparams.module or spec.mlp_out.format(self.hparams.layer)
+        block = spec.layer.format(self.hparams.layer)
+        if not name.startswith(block + "."):
+            raise AlgorithmError(f"grace: module {name!r} must lie inside block {block!r} (hparams module and layer)")
         try:
             model.get_submodule(name)
         except AttributeError as exc:
@@ -179,7 +223,7 @@ class Grace(EditAlgorithm):
         def lookup(_m: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
             d = distances(args[0], keys, hp.distance)  # [B, L, N]
             nearest, idx = d.min(dim=-1)
-            return replace_from(out, values[idx], nearest <= radii[idx], hp.replacement)
+            return replace_from(out, values, idx, nearest <= radii[idx], hp.replacement)
 
         self.installed.hook(model, self.module_name, lookup)
 
@@ -258,18 +302,21 @@ class Grace(EditAlgorithm):
         opt = torch.optim.Adam([value], lr=hp.lr)
         hit = torch.zeros(batch.input_ids.shape, dtype=torch.bool, device=value.device)
         hit[:, pos] = True
+        idx = torch.zeros(batch.input_ids.shape, dtype=torch.long, device=value.device)
 
         def put(_m: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
-            return replace_from(out, value.expand_as(out), hit, hp.replacement)
+            return replace_from(out, value[None], idx, hit, hp.replacement)
 
         first = last = float("nan")
+        upper = UpperBlocks(model, hp.layer, batch.input_ids, batch.attention_mask)
+        read = torch.arange(pos, batch.input_ids.shape[1] - 1, device=value.device)[None]  # predict the targets
+        gold = batch.input_ids[:, pos + 1:]
         handle = module.register_forward_hook(put)
         try:
             with torch.enable_grad():
                 for step in range(hp.n_iter):
-                    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                   use_cache=False).logits
-                    loss = target_nll(logits, batch).mean()
+                    logp = torch.log_softmax(upper(read).to(torch.float32), dim=-1)
+                    loss = -logp.gather(-1, gold.unsqueeze(-1)).mean()
                     last = float(loss.detach())
                     first = last if step == 0 else first
                     if not torch.isfinite(loss):
