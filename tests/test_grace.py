@@ -56,3 +56,19 @@ def test_lifelong_edits_are_kept_and_locality_is_untouched():
     assert algo.memory_state().structure["labels"] == [r.target_new for r in REQS]
     editor.restore()
     assert not base.differences(StateSignature.take(model))
+
+
+def test_grace_memory_travels_with_the_delta_to_a_fresh_base(tmp_path):
+    model, tok = tiny_model("llama", n_layers=2)
+    editor = Editor(model, tok, create_algorithm("grace", {"layer": 0, "n_iter": 5}), keep_original_weight=False)
+    editor.edit(REQS[:2])
+    ids = tok("The capital of Atlantis is Italy", return_tensors="pt").input_ids
+    with torch.no_grad():
+        edited = model(ids).logits
+    editor.save_delta(tmp_path / "delta.safetensors")
+
+    fresh, tok2 = tiny_model("llama", n_layers=2)
+    other = Editor(fresh, tok2, create_algorithm("grace", {"layer": 0, "n_iter": 5}), keep_original_weight=False)
+    other.apply_delta(tmp_path / "delta.safetensors")
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, edited)

@@ -248,3 +248,14 @@ def test_probes_score_the_prompts_with_the_context(tiny):
     direct = probes.measure(model, tok, [with_context(r, ctx) for r in REQS[:2]]).metrics
     plain = probes.measure(model, tok, REQS[:2]).metrics
     assert with_ctx == direct and with_ctx != plain
+
+
+def test_export_refuses_an_edit_with_memory(tiny, tmp_path):
+    from harness.export import ExportError, RunSource, load_source
+
+    model, tok = tiny
+    editor = Editor(model, tok, Offsets(), keep_original_weight=False)
+    editor.edit(REQS[0])
+    editor.save_delta(tmp_path / "delta.safetensors")
+    with pytest.raises(ExportError, match="delta.memory.safetensors: the edit holds offsets's memory"):
+        load_source(RunSource(tmp_path, {}, tmp_path / "delta.safetensors"))
