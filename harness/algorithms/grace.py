@@ -68,7 +68,7 @@ class GraceHparams:
         lr: Adam learning rate of the value (the reference: 1.0).
         expand: the same-label rule: ``coverage`` or ``moving_average`` (see the module docstring).
         replacement: ``from_key`` or ``last`` (see the module docstring).
-        stop_loss: stop a value's training once the target NLL is below this (0: run all ``n_iter``).
+        stop_loss: stop a value's training once the mean target NLL is below this (0: run all ``n_iter``).
         seed: seed of the cold initialisation (offset by the key's index).
     """
 
@@ -81,7 +81,7 @@ class GraceHparams:
     lr: float = 1.0
     expand: str = "coverage"
     replacement: str = "from_key"
-    stop_loss: float = 0.0
+    stop_loss: float = 0.05
     seed: int = 0
 
     def __post_init__(self) -> None:
