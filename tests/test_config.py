@@ -299,3 +299,17 @@ def test_make_hparams_builds_blocks_and_names_unknown_nested_keys() -> None:
         make_hparams(MemitHparams, {"target": {"lrr": 0.1}}, where="algorithm 'memit'")
     with pytest.raises(TypeError, match=r"\['ops\.0\.scael'\]"):
         make_hparams(get_algorithm("direct").Hparams, {"ops": [{"kind": "low_rank", "param": "p", "scael": 1.0}]})
+
+
+def test_every_sweep_names_registered_algorithms_and_lifelong_is_the_wise_protocol() -> None:
+    import yaml
+
+    for name in EXPERIMENTS:
+        raw = yaml.safe_load((CONF_DIR / "experiment" / f"{name}.yaml").read_text()) or {}
+        swept = (((raw.get("hydra") or {}).get("sweeper") or {}).get("params") or {}).get("algorithm")
+        if swept:
+            assert set(str(swept).split(",")) <= set(available()), name
+    cfg = _compose(["experiment=lifelong"])
+    assert (cfg.keep_original_weight, cfg.batch_size, cfg.data.kind) == (False, 1, "zsre")
+    assert list(cfg.eval.retention_at) == [1, 10, 100]
+    assert list(cfg.probes.metrics) == ["rewrite_acc", "rephrase_acc", "locality_acc"]
