@@ -10,8 +10,8 @@ import torch
 
 from harness import EditRequest
 from harness.algorithms.hooks import Hooks
-from harness.algorithms.wise import IrrelevantHparams, Wise, WiseHook, load_irrelevant, margin_loss
-from harness.algorithms.wise_memory import (Memory, SideMemory, gradient_mask, route, running_mean, ties_merge,
+from harness.algorithms.wise import IrrelevantHparams, Wise, load_irrelevant, margin_loss
+from harness.algorithms.wise_memory import (SideMemory, gradient_mask, route, running_mean, ties_merge,
                                             trim)
 from harness.models import tiny_model
 
@@ -151,7 +151,7 @@ def test_training_writes_the_side_memory_only_inside_the_mask_and_routes_the_edi
     mem = algo.memory.active
     mask = gradient_mask(mem.delta.shape, 0.5, algo.memory.shards_started)
     assert mem.edits == 1 and bool((mem.delta[mask == 0] == 0).all()) and bool((mem.delta[mask == 1] != 0).any())
-    assert report.losses["loss_final"] < report.losses["loss_first"]
+    assert report.losses["loss_final"] < report.losses["loss_first"] and report.info["fast_forward"] == 1.0
     eps = report.info["threshold"]
     assert report.info["edit_score_min"] > eps > report.info["irrelevant_score_max"]
 

@@ -3,7 +3,7 @@ the Knowledge Memory for Lifelong Model Editing of Large Language Models"), docs
 
 The main memory (every weight of the model) is never written. Edits go to a side memory: a copy of
 one layer's FFN down projection, kept as ``Δ = W' - W`` (``wise_memory``), consulted through a
-forward hook on that projection (``WiseHook``): at each position the output is the main memory's,
+forward hook on that projection (``wise_memory.WiseHook``): at each position the output is the main memory's,
 or, where the activation score ``||A(x) Δᵀ||`` (running mean over the tokens so far) exceeds the
 memory's threshold ε, the side memory's.
 
@@ -48,11 +48,10 @@ from torch import nn
 from harness.algorithms.base import AlgorithmError, EditAlgorithm
 from harness.algorithms.batches import TargetBatch, target_nll
 from harness.algorithms.finetune import seeded, trainable
-from harness.algorithms.hooks import Hooks
+from harness.algorithms.hooks import Hooks, StopForward, hidden_of, logit_head, run_to_stop
 from harness.algorithms.locate import TemplateCache, TemplateHparams, fill_template
-from harness.algorithms.wise_memory import (Memory, SideMemory, gradient_mask, route, running_mean, side_delta,
-                                            token_scores)
-from harness.models import get_module, model_spec
+from harness.algorithms.wise_memory import Memory, SideMemory, WiseHook, gradient_mask, running_mean
+from harness.models import get_module, model_spec, num_layers
 from harness.tokens import encode_pairs, pad_batch, pad_id
 from harness.types import EditReport, EditRequest
 
@@ -196,41 +195,7 @@ def _irrelevant_text(record: Any, path: Path, index: int) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# the hook on the projection
-
-
-class WiseHook:
-    """Forward hook on the edited projection: adds the routed side memory's output (``route``).
-
-    With ``training`` set (a delta that requires grad), every position gets ``A(x) Δᵀ`` and the token
-    scores are kept in ``scores`` for the margin loss. Positions routed to the main memory keep the
-    projection's own output bit for bit; with no memory at all the hook changes nothing.
-    """
-
-    def __init__(self, memory: SideMemory, transposed: bool, act_ratio: float) -> None:
-        self.memory, self.transposed, self.act_ratio = memory, transposed, act_ratio
-        self.training: Optional[torch.Tensor] = None
-        self.scores: Optional[torch.Tensor] = None
-
-    def __call__(self, _module: nn.Module, args: tuple, out: torch.Tensor) -> Optional[torch.Tensor]:
-        x = args[0]
-        if self.training is not None:
-            added = side_delta(x, self.training, self.transposed)
-            self.scores = token_scores(added)
-            return (out.to(torch.float32) + added).to(out.dtype)
-        memories = self.memory.memories()
-        if not memories:
-            return None
-        adds = [side_delta(x, m.delta, self.transposed) for m in memories]
-        scores = torch.stack([running_mean(token_scores(a)) for a in adds])
-        eps = torch.tensor([self.act_ratio * m.min_score for m in memories], device=scores.device)
-        choice = route(scores, eps)
-        if bool((choice < 0).all()):
-            return None
-        added = torch.zeros_like(adds[0])
-        for i, a in enumerate(adds):
-            added = torch.where((choice == i).unsqueeze(-1), a, added)
-        return torch.where((choice >= 0).unsqueeze(-1), (out.to(torch.float32) + added).to(out.dtype), out)
+# the projection and one batch of training
 
 
 def projection(model: nn.Module, layer: int) -> tuple[nn.Module, nn.Parameter, bool]:
@@ -293,6 +258,55 @@ def margin_loss(run_mean: torch.Tensor, decide: torch.Tensor, n_edit: int, alpha
     return loss
 
 
+class UpperForward:
+    """The logits of a fixed batch computed from block ``layer`` up: the blocks below do not depend on
+    the side memory, so their output is computed once (``docs/algorithms/wise.md``, cost).
+
+    The first call is checked against the whole model's forward; where they differ (an architecture
+    whose blocks need more than the hidden states and the keyword arguments every block gets), every
+    call runs the whole model instead.
+    """
+
+    def __init__(self, model: nn.Module, batch: TargetBatch, layer: int) -> None:
+        spec = model_spec(model)
+        self.model, self.batch = model, batch
+        self.blocks = [get_module(model, spec.layer.format(i)) for i in range(layer, num_layers(model))]
+        self.head = logit_head(model, spec)
+        seen: list[tuple[tuple, dict[str, Any]]] = []
+
+        def grab(_m: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            seen.append((args, kwargs))
+            raise StopForward
+
+        with torch.no_grad(), Hooks() as hooks:
+            hooks.input(self.blocks[0], grab)
+            run_to_stop(model, **self._inputs())
+        self.args, self.kwargs = seen[0] if seen else ((), {})
+        self.checked = self.fast = bool(seen)
+
+    def _inputs(self) -> dict[str, Any]:
+        return dict(input_ids=self.batch.input_ids, attention_mask=self.batch.attention_mask, use_cache=False)
+
+    def __call__(self) -> torch.Tensor:
+        if not self.fast:
+            return self.model(**self._inputs()).logits
+        h = self.args[0]
+        for block in self.blocks:
+            h = hidden_of(block(h, *self.args[1:], **self.kwargs))
+        logits = self.head(h)
+        if self.checked:
+            self.checked = False
+            with torch.no_grad():
+                full = self.model(**self._inputs()).logits
+            if not torch.allclose(logits.detach(), full, rtol=1e-4, atol=1e-4):
+                log.warning("wise: the forward from block %d differs from the whole model's (max %.3g); "
+                            "running the whole model each step", len(self.blocks),
+                            float((logits.detach() - full).abs().max()))
+                self.fast = False
+                return self.model(**self._inputs()).logits
+        return logits
+
+
 def train_shard(model: nn.Module, tok: Any, hook: WiseHook, module: nn.Module, memory: Memory, mask: torch.Tensor,
                 requests: Sequence[EditRequest], templates: Sequence[str], irrelevant: Sequence[str],
                 hp: WiseHparams) -> dict[str, float]:
@@ -307,6 +321,7 @@ def train_shard(model: nn.Module, tok: Any, hook: WiseHook, module: nn.Module, m
     """
     device = memory.delta.device
     batch, decide, owner, n_edit = _rows(tok, requests, templates, irrelevant, device)
+    edit = TargetBatch(batch.input_ids[:n_edit], batch.attention_mask[:n_edit], batch.label_mask[:n_edit])
     delta = memory.delta.clone().requires_grad_(True)
     mask = mask.to(device)
     losses: list[float] = []
@@ -315,9 +330,9 @@ def train_shard(model: nn.Module, tok: Any, hook: WiseHook, module: nn.Module, m
         hooks.output(module, hook)
         hook.training = delta
         try:
+            forward = UpperForward(model, batch, hp.layer)
             for _ in range(hp.num_steps):
-                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-                edit = TargetBatch(batch.input_ids[:n_edit], batch.attention_mask[:n_edit], batch.label_mask[:n_edit])
+                logits = forward()
                 nll = target_nll(logits[:n_edit], edit).mean()
                 loss = nll + margin_loss(running_mean(hook.scores), decide, n_edit, hp.alpha, hp.beta, hp.gamma)
                 losses.append(float(loss.detach()))
@@ -331,7 +346,7 @@ def train_shard(model: nn.Module, tok: Any, hook: WiseHook, module: nn.Module, m
                     if hp.norm_constraint is not None:
                         delta.clamp_(-hp.norm_constraint, hp.norm_constraint)
             with torch.no_grad():
-                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+                forward()
                 run_mean = running_mean(hook.scores)
         finally:
             hook.training, hook.scores = None, None
@@ -343,7 +358,7 @@ def train_shard(model: nn.Module, tok: Any, hook: WiseHook, module: nn.Module, m
     memory.min_score = min(memory.min_score, float(per_request.min()))
     return {"loss_first": losses[0], "loss_final": losses[-1], "nll_final": float(nll.detach()),
             "steps": float(len(losses)), "edit_score_min": float(per_request.min()),
-            "irrelevant_score_max": float(irr.max()) if irr.numel() else 0.0}
+            "irrelevant_score_max": float(irr.max()) if irr.numel() else 0.0, "fast_forward": float(forward.fast)}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,8 +28,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 
@@ -240,3 +242,41 @@ class SideMemory:
                    merged=[built["merged"][i] for i in sorted(built["merged"])],
                    shards_started=int(state.get("shards_started", torch.tensor(0))),
                    edits_total=int(state.get("edits_total", torch.tensor(0))))
+
+
+# ----------------------------------------------------------------------------------------------
+# the hook on the projection
+
+
+class WiseHook:
+    """Forward hook on the edited projection: adds the routed side memory's output (``route``).
+
+    With ``training`` set (a delta that requires grad), every position gets ``A(x) Δᵀ`` and the token
+    scores are kept in ``scores`` for the margin loss. Positions routed to the main memory keep the
+    projection's own output bit for bit; with no memory at all the hook changes nothing.
+    """
+
+    def __init__(self, memory: SideMemory, transposed: bool, act_ratio: float) -> None:
+        self.memory, self.transposed, self.act_ratio = memory, transposed, act_ratio
+        self.training: Optional[torch.Tensor] = None
+        self.scores: Optional[torch.Tensor] = None
+
+    def __call__(self, _module: nn.Module, args: tuple, out: torch.Tensor) -> Optional[torch.Tensor]:
+        x = args[0]
+        if self.training is not None:
+            added = side_delta(x, self.training, self.transposed)
+            self.scores = token_scores(added)
+            return (out.to(torch.float32) + added).to(out.dtype)
+        memories = self.memory.memories()
+        if not memories:
+            return None
+        adds = [side_delta(x, m.delta, self.transposed) for m in memories]
+        scores = torch.stack([running_mean(token_scores(a)) for a in adds])
+        eps = torch.tensor([self.act_ratio * m.min_score for m in memories], device=scores.device)
+        choice = route(scores, eps)
+        if bool((choice < 0).all()):
+            return None
+        added = torch.zeros_like(adds[0])
+        for i, a in enumerate(adds):
+            added = torch.where((choice == i).unsqueeze(-1), a, added)
+        return torch.where((choice >= 0).unsqueeze(-1), (out.to(torch.float32) + added).to(out.dtype), out)
