@@ -179,3 +179,18 @@ def test_state_round_trip_restores_the_memory_in_place() -> None:
     assert all(torch.equal(algo.state_dict()[k], v) for k, v in saved.items())
     algo.reset_state()
     assert algo.state_dict().keys() == {"shards_started", "edits_total"}
+
+
+def test_the_nll_from_target_positions_equals_the_fine_tuning_objective() -> None:
+    from harness.algorithms.batches import target_batch, target_nll
+    from harness.algorithms.wise import target_positions_nll
+    from harness.tokens import encode_pairs
+
+    model, tok = tiny_model("llama", n_layers=2)
+    items = encode_pairs(tok, [("The mother tongue of Danielle Darrieux is", "English"), ("Rivers", "flow into seas")])
+    batch = target_batch(items, 0, torch.device("cpu"))
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    rows, cols = batch.label_mask[:, 1:].nonzero(as_tuple=True)
+    got = target_positions_nll(logits[rows, cols], batch, rows, cols)
+    assert torch.allclose(got, target_nll(logits, batch).mean(), atol=1e-6)

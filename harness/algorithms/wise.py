@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from harness.algorithms.base import AlgorithmError, EditAlgorithm
-from harness.algorithms.batches import TargetBatch, target_nll
+from harness.algorithms.batches import TargetBatch
 from harness.algorithms.finetune import seeded, trainable
 from harness.algorithms.hooks import Hooks, StopForward, hidden_of, logit_head, run_to_stop
 from harness.algorithms.locate import TemplateCache, TemplateHparams, fill_template
@@ -287,24 +287,38 @@ class UpperForward:
     def _inputs(self) -> dict[str, Any]:
         return dict(input_ids=self.batch.input_ids, attention_mask=self.batch.attention_mask, use_cache=False)
 
-    def __call__(self) -> torch.Tensor:
+    def __call__(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """The logits at positions ``(rows[k], cols[k])`` only ([K, vocab]): the unembedding of every
+        position would cost more than the blocks above a late layer."""
         if not self.fast:
-            return self.model(**self._inputs()).logits
+            return self.model(**self._inputs()).logits[rows, cols]
         h = self.args[0]
         for block in self.blocks:
             h = hidden_of(block(h, *self.args[1:], **self.kwargs))
-        logits = self.head(h)
+        logits = self.head(h[rows, cols])
         if self.checked:
             self.checked = False
             with torch.no_grad():
-                full = self.model(**self._inputs()).logits
+                full = self.model(**self._inputs()).logits[rows, cols]
             if not torch.allclose(logits.detach(), full, rtol=1e-4, atol=1e-4):
                 log.warning("wise: the forward from block %d differs from the whole model's (max %.3g); "
                             "running the whole model each step", len(self.blocks),
                             float((logits.detach() - full).abs().max()))
                 self.fast = False
-                return self.model(**self._inputs()).logits
+                return self.model(**self._inputs()).logits[rows, cols]
         return logits
+
+
+def target_positions_nll(logits: torch.Tensor, batch: TargetBatch, rows: torch.Tensor,
+                         cols: torch.Tensor) -> torch.Tensor:
+    """``batches.target_nll`` averaged over the rows, from the logits at the positions that predict
+    target tokens only (``rows``, ``cols``: those positions; the gold token is the next one)."""
+    logp = torch.log_softmax(logits.to(torch.float32), dim=-1)
+    tok_nll = -logp.gather(-1, batch.input_ids[rows, cols + 1].unsqueeze(-1)).squeeze(-1)
+    n_rows = batch.input_ids.shape[0]
+    total = torch.zeros(n_rows, device=logits.device).index_add(0, rows, tok_nll)
+    count = torch.zeros(n_rows, device=logits.device).index_add(0, rows, torch.ones_like(tok_nll))
+    return (total / count).mean()
 
 
 def train_shard(model: nn.Module, tok: Any, hook: WiseHook, module: nn.Module, memory: Memory, mask: torch.Tensor,
@@ -331,9 +345,9 @@ def train_shard(model: nn.Module, tok: Any, hook: WiseHook, module: nn.Module, m
         hook.training = delta
         try:
             forward = UpperForward(model, batch, hp.layer)
+            rows, cols = decide[:n_edit].nonzero(as_tuple=True)
             for _ in range(hp.num_steps):
-                logits = forward()
-                nll = target_nll(logits[:n_edit], edit).mean()
+                nll = target_positions_nll(forward(rows, cols), edit, rows, cols)
                 loss = nll + margin_loss(running_mean(hook.scores), decide, n_edit, hp.alpha, hp.beta, hp.gamma)
                 losses.append(float(loss.detach()))
                 if not math.isfinite(losses[-1]):
@@ -346,7 +360,7 @@ def train_shard(model: nn.Module, tok: Any, hook: WiseHook, module: nn.Module, m
                     if hp.norm_constraint is not None:
                         delta.clamp_(-hp.norm_constraint, hp.norm_constraint)
             with torch.no_grad():
-                forward()
+                forward(rows[:1], cols[:1])
                 run_mean = running_mean(hook.scores)
         finally:
             hook.training, hook.scores = None, None
