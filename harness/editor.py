@@ -13,6 +13,16 @@ back to the state before that step. The Editor keeps the original value of every
 so far, so ``restore()`` returns to the base model at any time, ``save_delta`` writes the edited
 tensors, and ``save_checkpoint``/``load_checkpoint`` let a sequential run resume bit for bit.
 
+Memory (structural edits, ``harness.algorithms.memory``): an algorithm may install hooks or module
+wrappers and declare a context transform. The Editor clones the algorithm's ``MemoryState`` before
+each edit and always verifies the model with the memory detached, so anything ``detach`` does not
+remove is a change outside the declared memory and raises ``RestoreError``. Single-edit mode
+detaches and restores the memory in ``finally``; sequential mode attaches it again after the check
+(or the memory from before a failed step), ``restore()`` removes it. The probes get the algorithm's
+context. Checkpoints hold ``memory.safetensors`` (tensors, the structure as JSON in the checked
+metadata); ``save_delta`` writes the same beside the delta (``memory_path``) when there is memory,
+and ``Editor.apply_delta`` puts both on a base model.
+
 Files are checked (``harness.safefiles``): every tensor carries a sha256, a delta the fingerprint of
 each base value it replaces. ``load_checkpoint`` validates every file of a checkpoint before it
 touches the model or the algorithm, and raises ``CheckpointError`` naming the file otherwise.
@@ -22,7 +32,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,29 +41,26 @@ import torch
 from torch import nn
 
 from harness.algorithms.base import AlgorithmError, EditAlgorithm
+from harness.algorithms.memory import MemoryState, check_memory
+from harness.checkpointfiles import (CHECKPOINT_FORMAT, DELTA_FILE, MANIFEST_FILE, MEMORY_FILE, STATE_FILE,
+                                     CheckpointError, check_belongs, read_manifest)
 from harness.fingerprints import fingerprint_hex
 from harness.models import num_layers
 from harness.probes.base import Measurement, ProbeSuite
-from harness.safefiles import (DELTA_FORMAT, STATE_FORMAT, CheckedFile, apply_delta, read_checked, read_delta,
-                               write_checked, write_delta)
+from harness.safefiles import (DELTA_FORMAT, STATE_FORMAT, CheckedFile, apply_delta, memory_path, read_checked,
+                               read_delta, read_memory, write_checked, write_delta, write_memory)
 from harness.signature import StateSignature
 from harness.snapshot import SnapshotError, WeightsCopy
 from harness.types import EditReport, EditRequest
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CheckpointError", "EditOutcome", "Editor", "RestoreError", "apply_delta"]
+__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "EditOutcome", "Editor", "RestoreError", "apply_delta", "memory_path"]
 
-CHECKPOINT_FORMAT = "harness-checkpoint-v2"
-_DELTA, _STATE, _MANIFEST = "delta.safetensors", "algorithm_state.safetensors", "editor.json"
 
 
 class RestoreError(SnapshotError):
     """The model is not what it should be after a restore, or an edit changed something undeclared."""
-
-
-class CheckpointError(SnapshotError):
-    """A checkpoint cannot be loaded (names the file); the model and the algorithm were left as they were."""
 
 
 @dataclass
@@ -110,6 +118,7 @@ class Editor:
         self.n_edits = 0  # requests applied and kept (sequential mode)
         self._expected = StateSignature.take(model) if verify_untouched else StateSignature()
         self._base_state = _clone_state(algorithm.state_dict())
+        self._base_memory = algorithm.memory_state().clone()
         self.prepared = False  # algorithm.prepare has run on the base model
         self.prepare_seconds = 0.0
 
@@ -144,7 +153,9 @@ class Editor:
         """Run the probes on the model as it stands."""
         if self.probes is None:
             raise RuntimeError("this Editor has no probes")
-        return self.probes.measure(self.model, self.tok, list(requests), reference=reference)
+        context = self.algorithm.context()
+        extra = {} if context is None else {"context": context}
+        return self.probes.measure(self.model, self.tok, list(requests), reference=reference, **extra)
 
     def declared_targets(self, requests: Sequence[EditRequest]) -> set[str]:
         """The algorithm's declared targets, checked to be parameter names of the model."""
@@ -185,6 +196,7 @@ class Editor:
         targets = self.declared_targets(batch)
         self.weights_copy = WeightsCopy.take(self.model, targets, offload=self.offload_snapshot)
         state_before = _clone_state(self.algorithm.state_dict())
+        memory_before = self.algorithm.memory_state().clone()
         ok = False
         report, post = EditReport(), None
         try:
@@ -199,22 +211,26 @@ class Editor:
         finally:
             t = time.perf_counter()
             rolling_back = self.keep_original_weight or not ok
+            self.algorithm.detach(self.model)
             if rolling_back:
-                self._put_back(self.weights_copy, state_before)
+                self._put_back(self.weights_copy, state_before, memory_before)
             else:
                 self._keep(targets)
             timings["restore"] = time.perf_counter() - t
             t = time.perf_counter()
             self._check_untouched(exclude=set() if rolling_back else targets)
+            if not self.keep_original_weight:
+                self.algorithm.attach(self.model)  # the memory persists (the one before a failed step)
             timings["verify"] = time.perf_counter() - t
         if not self.keep_original_weight:
             self.n_edits += len(batch)
         return EditOutcome(batch, tuple(sorted(targets)), report, pre, post, timings, self.weights_copy.nbytes)
 
     # ------------------------------------------------------------------------------------------
-    def _put_back(self, snap: WeightsCopy, state: dict[str, torch.Tensor]) -> None:
+    def _put_back(self, snap: WeightsCopy, state: dict[str, torch.Tensor], memory: MemoryState) -> None:
         snap.restore(self.model)
         self.algorithm.load_state_dict(state)
+        self.algorithm.load_memory(memory)
         bad = snap.mismatches(self.model)
         if bad:
             raise RestoreError(f"restore verification failed for {bad}")
@@ -236,11 +252,24 @@ class Editor:
         self._expected = now
 
     # ------------------------------------------------------------------------------------------
+    @contextmanager
+    def detached(self) -> Iterator[None]:
+        """The model without the algorithm's memory inside the block (its parameter names as the base's);
+        the memory is attached again afterwards in sequential mode."""
+        self.algorithm.detach(self.model)
+        try:
+            yield
+        finally:
+            if not self.keep_original_weight:
+                self.algorithm.attach(self.model)
+
     def restore(self) -> None:
-        """Return to the base model (and the algorithm's initial state), verified bit for bit."""
+        """Return to the base model (and the algorithm's initial state and memory), verified bit for bit."""
+        self.algorithm.detach(self.model)
         self.originals.restore(self.model)
         self.originals.verify(self.model)
         self.algorithm.load_state_dict(_clone_state(self._base_state))
+        self.algorithm.load_memory(self._base_memory.clone())
         self._check_untouched(exclude=set(self.originals.names))  # now bit-equal to their verified originals
         self.originals = WeightsCopy()
         self.n_edits = 0
@@ -251,32 +280,84 @@ class Editor:
         The file (``harness.safefiles``, format ``harness-delta-v2``) holds each edited parameter's
         current value with its sha256, and the fingerprint of the base value it replaces, so
         ``apply_delta`` reproduces the edited model exactly and refuses a corrupt file or another base.
+        When the algorithm holds memory, it is written beside it (``memory_path(path)``, format
+        ``harness-memory-v1``) and a stale memory file there is removed; ``Editor.apply_delta`` puts
+        both on a base model.
 
         Returns:
             The names written.
         """
-        return self._save_delta(path)[0]
+        names = self._save_delta(path)[0]
+        memory, side = self.algorithm.memory_state(), memory_path(path)
+        if memory.empty:
+            side.unlink(missing_ok=True)
+        else:
+            write_memory(side, memory, self.algorithm.name, self.n_edits)
+        return names
+
+    def apply_delta(self, path: str | Path) -> list[str]:
+        """Put a ``save_delta`` file, and the memory file beside it if any, onto this Editor's model.
+
+        The model must be the base (this Editor holds no edits); the algorithm must be the one that
+        made the memory. Everything is checked before anything is written; afterwards the edits
+        count as this Editor's (``restore()`` undoes them), and the memory is attached.
+
+        Returns:
+            The parameter names written.
+
+        Raises:
+            RuntimeError: this Editor already holds edits, or is in single-edit mode.
+            SnapshotError: a file at fault (named), or another algorithm's memory; nothing written then.
+        """
+        if self.keep_original_weight:
+            raise RuntimeError("apply_delta keeps the edits: use an Editor with keep_original_weight=False")
+        if len(self.originals) or not self.algorithm.memory_state().equals(self._base_memory):
+            raise RuntimeError("apply_delta needs the base model: this Editor holds edits; call restore() first")
+        delta = read_delta(self.model, path, check_base=True)
+        side = memory_path(path)
+        memory = read_memory(side, self.algorithm.name) if side.exists() else None
+        if memory is not None:
+            self._load_memory(memory.state, memory.path)
+        names = write_delta(self.model, delta.tensors, self.originals)
+        self.n_edits = int(delta.metadata.get("n_edits", "0"))
+        if self.verify_untouched:
+            self._expected.refresh(self.model, names)
+        self.algorithm.attach(self.model)
+        return names
+
+    def _load_memory(self, memory: MemoryState, path: Path) -> None:
+        """Give the algorithm ``memory`` (checked); ``CheckpointError`` naming ``path`` when refused."""
+        before = self.algorithm.memory_state().clone()
+        try:
+            check_memory(memory, str(path))
+            self.algorithm.load_memory(memory)
+        except Exception as exc:  # whatever the algorithm refuses with: put its memory back, name the file
+            self.algorithm.load_memory(before)
+            raise CheckpointError(f"{path}: {self.algorithm.name} does not accept this memory: {exc}") from exc
 
     def _save_delta(self, path: str | Path) -> tuple[list[str], str]:
-        params = dict(self.model.named_parameters())
+        with self.detached():
+            params = dict(self.model.named_parameters())
         names = self.originals.names
         meta = {"format": DELTA_FORMAT, "n_edits": str(self.n_edits)}
         meta.update({"base:" + n: fingerprint_hex(self.originals.tensors[n]) for n in names})
         return names, write_checked(path, {n: params[n] for n in names}, meta)
 
     def save_checkpoint(self, directory: str | Path) -> None:
-        """Save what a sequential run needs to resume: delta, algorithm state, edit count.
+        """Save what a sequential run needs to resume: delta, algorithm state, memory, edit count.
 
-        ``editor.json`` is written last and records the checksums of the other two files.
+        ``editor.json`` is written last and records the checksums of the other files.
         """
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        _, delta_sum = self._save_delta(d / (_DELTA + ".tmp"))
-        state_sum = write_checked(d / (_STATE + ".tmp"), self.algorithm.state_dict(), {"format": STATE_FORMAT})
+        _, delta_sum = self._save_delta(d / (DELTA_FILE + ".tmp"))
+        state_sum = write_checked(d / (STATE_FILE + ".tmp"), self.algorithm.state_dict(), {"format": STATE_FORMAT})
+        memory_sum = write_memory(d / (MEMORY_FILE + ".tmp"), self.algorithm.memory_state(), self.algorithm.name,
+                                  self.n_edits)
         manifest = {"format": CHECKPOINT_FORMAT, "n_edits": self.n_edits, "algorithm": self.algorithm.name,
-                    "checksums": {_DELTA: delta_sum, _STATE: state_sum}}
-        (d / (_MANIFEST + ".tmp")).write_text(json.dumps(manifest, indent=1))
-        for name in (_DELTA, _STATE, _MANIFEST):  # editor.json last
+                    "checksums": {DELTA_FILE: delta_sum, STATE_FILE: state_sum, MEMORY_FILE: memory_sum}}
+        (d / (MANIFEST_FILE + ".tmp")).write_text(json.dumps(manifest, indent=1))
+        for name in (DELTA_FILE, STATE_FILE, MEMORY_FILE, MANIFEST_FILE):  # editor.json last
             (d / (name + ".tmp")).replace(d / name)
 
     def load_checkpoint(self, directory: str | Path) -> None:
@@ -295,53 +376,36 @@ class Editor:
         """
         self.prepare()
         d = Path(directory)
-        manifest = _read_manifest(d / _MANIFEST)
+        manifest = read_manifest(d / MANIFEST_FILE)
         if manifest["algorithm"] != self.algorithm.name:
-            raise CheckpointError(f"{d / _MANIFEST}: the checkpoint was made by algorithm "
+            raise CheckpointError(f"{d / MANIFEST_FILE}: the checkpoint was made by algorithm "
                                   f"{manifest['algorithm']!r}, this Editor runs {self.algorithm.name!r}")
         try:
-            delta = read_delta(self.model, d / _DELTA, check_base=True)
-            state = read_checked(d / _STATE, STATE_FORMAT)
+            delta = read_delta(self.model, d / DELTA_FILE, check_base=True)
+            state = read_checked(d / STATE_FILE, STATE_FORMAT)
+            # checkpoints written before memories existed have no memory file: no memory
+            memory = read_memory(d / MEMORY_FILE, self.algorithm.name) if MEMORY_FILE in manifest["checksums"] else None
         except SnapshotError as exc:
             raise CheckpointError(str(exc)) from exc
-        _check_belongs(manifest, d / _MANIFEST, delta, state)
+        check_belongs(manifest, d / MANIFEST_FILE, delta, state)
+        if memory is not None and manifest["checksums"][MEMORY_FILE] != memory.checksum:
+            raise CheckpointError(f"{memory.path}: not the file {d / MANIFEST_FILE} was saved with (its checksum differs)")
+        self._load_memory(memory.state if memory is not None else MemoryState(), d / MEMORY_FILE)
         before = _clone_state(self.algorithm.state_dict())
         try:
             self.algorithm.load_state_dict(_clone_state(state.tensors))
         except Exception as exc:  # whatever the algorithm refuses with: put its state back, name the file
             self.algorithm.load_state_dict(before)
+            self.algorithm.load_memory(self._base_memory.clone())
             raise CheckpointError(f"{state.path}: {self.algorithm.name} does not accept this state: {exc}") from exc
         try:
             names = write_delta(self.model, delta.tensors, self.originals)
         except BaseException:
             self.algorithm.load_state_dict(before)
+            self.algorithm.load_memory(self._base_memory.clone())
             raise
         self.n_edits = manifest["n_edits"]
         if self.verify_untouched:
             self._expected.refresh(self.model, names)
-
-
-def _read_manifest(path: Path) -> dict:
-    """``editor.json``, parsed and type-checked; ``CheckpointError`` naming it otherwise."""
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot read the checkpoint's manifest ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != CHECKPOINT_FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else None
-        raise CheckpointError(f"{path}: checkpoint format {found!r}, expected {CHECKPOINT_FORMAT!r} (checkpoints "
-                              "of older harness versions carry no checksums and cannot be verified)")
-    n, algo, sums = manifest.get("n_edits"), manifest.get("algorithm"), manifest.get("checksums")
-    if not (isinstance(n, int) and n >= 0 and isinstance(algo, str) and isinstance(sums, dict)):
-        raise CheckpointError(f"{path}: expected n_edits (an int >= 0), algorithm (a name) and checksums (a dict)")
-    return manifest
-
-
-def _check_belongs(manifest: dict, path: Path, delta: CheckedFile, state: CheckedFile) -> None:
-    """The delta and the state are the files ``editor.json`` was written with, and the counts agree."""
-    for f in (delta, state):
-        if manifest["checksums"].get(f.path.name) != f.checksum:
-            raise CheckpointError(f"{f.path}: not the file {path} was saved with (its checksum differs)")
-    if delta.metadata.get("n_edits") != str(manifest["n_edits"]):
-        raise CheckpointError(f"{delta.path}: holds {delta.metadata.get('n_edits')} edit(s), "
-                              f"{path} says {manifest['n_edits']}")
+        if not self.keep_original_weight:
+            self.algorithm.attach(self.model)

@@ -45,6 +45,7 @@ from safetensors import safe_open
 
 from harness.config import ModelConfig
 from harness.editor import apply_delta
+from harness.safefiles import MEMORY_FORMAT, memory_path, read_checked
 from harness.models import load_configured, resolve_dtype
 from harness.onnx_export import DEFAULT_ATOL, DEFAULT_OPSET, MissingDependencyError, Parity, ParityError
 from harness.results import read_json, read_rows
@@ -134,6 +135,18 @@ def _delta_dtype(path: Path) -> torch.dtype | None:
     return None
 
 
+def _refuse_memory(delta: Path) -> None:
+    """Raise ``ExportError`` when a non-empty algorithm memory lies beside ``delta`` (see ``save_delta``)."""
+    for side in (memory_path(delta), delta.parent / "memory.safetensors"):
+        if not side.exists():
+            continue
+        f = read_checked(side, MEMORY_FORMAT)
+        if f.tensors or f.metadata.get("structure", "{}") != "{}":
+            raise ExportError(f"{side}: the edit holds {f.metadata.get('algorithm')}'s memory (hooks, modules or "
+                              "a prompt context), which an exported weights file cannot carry; load it with "
+                              "Editor.apply_delta instead")
+
+
 def load_source(src: RunSource, device: str = "cpu") -> tuple[torch.nn.Module, Any, list[str]]:
     """The run's base model (its dtype: the config's, else the delta's) with the delta put on.
 
@@ -142,8 +155,11 @@ def load_source(src: RunSource, device: str = "cpu") -> tuple[torch.nn.Module, A
 
     Raises:
         SnapshotError: the delta does not fit this base model (``apply_delta``).
+        ExportError: the edit holds memory (GRACE's codebook, IKE's context), which no weights format carries.
     """
     conf = src.config
+    if src.delta is not None:
+        _refuse_memory(src.delta)
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     mcfg = ModelConfig(**{k: v for k, v in conf["model"].items() if k in known})
     dtype: Any = conf.get("dtype", "auto")

@@ -11,6 +11,10 @@ A file written by ``write_checked`` carries in its safetensors metadata (all str
   delta files also:   ``n_edits`` and ``base:<name>``, the ``fingerprint_hex`` of the base value each
                       tensor replaces (``harness.fingerprints``: position-sensitive).
 
+Memory files (``harness-memory-v1``, ``write_memory``): an algorithm's ``MemoryState`` (GRACE's
+codebook, IKE's facts): its tensors, plus ``algorithm``, ``n_edits`` and ``structure`` (the JSON
+structure) in the checked metadata. ``memory_path`` names the one written beside a delta file.
+
 ``read_checked`` refuses, naming the file (and the tensor): a file that cannot be read (missing,
 truncated, garbage, a bad header: ``SnapshotError`` chained to the I/O error), another format, a
 missing or wrong checksum. ``read_delta`` then checks each tensor against a model: a parameter of
@@ -25,6 +29,7 @@ their values are still checked for shape, dtype and finiteness.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,6 +40,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from harness.algorithms.memory import MemoryState
 from harness.fingerprints import fingerprint_hex, raw_bits
 from harness.snapshot import SnapshotError, WeightsCopy
 
@@ -43,6 +49,7 @@ log = logging.getLogger(__name__)
 DELTA_FORMAT = "harness-delta-v2"
 STATE_FORMAT = "harness-state-v2"
 DELTA_V1 = "harness-delta-v1"
+MEMORY_FORMAT = "harness-memory-v1"
 _SHA, _BASE, _CHECKSUM = "sha256:", "base:", "checksum"
 
 
@@ -218,3 +225,55 @@ def apply_delta(model: nn.Module, path: str | Path, originals: WeightsCopy | Non
         SnapshotError: naming the file, and the tensor at fault; the model is then untouched.
     """
     return write_delta(model, read_delta(model, path, check_base).tensors, originals)
+
+
+# ----------------------------------------------------------------------------------------------
+# memory files
+
+
+@dataclass(frozen=True)
+class MemoryFile:
+    """A memory file read and verified by ``read_memory``: its path, the memory and the file's checksum."""
+
+    path: Path
+    state: MemoryState
+    n_edits: int
+    checksum: str
+
+
+def memory_path(delta_path: str | Path) -> Path:
+    """Where ``save_delta`` puts the memory beside a delta file: ``x.safetensors`` -> ``x.memory.safetensors``."""
+    p = Path(delta_path)
+    return p.with_name(p.name.removesuffix(".safetensors") + ".memory.safetensors")
+
+
+def write_memory(path: str | Path, state: MemoryState, algorithm: str, n_edits: int) -> str:
+    """Write an algorithm's memory as a checked safetensors file (the structure as JSON in the metadata).
+
+    Returns:
+        The file's ``checksum`` entry.
+    """
+    meta = {"format": MEMORY_FORMAT, "algorithm": algorithm, "n_edits": str(n_edits),
+            "structure": state.structure_json()}
+    return write_checked(path, state.tensors, meta)
+
+
+def read_memory(path: str | Path, algorithm: str) -> MemoryFile:
+    """Read and verify a ``write_memory`` file made by ``algorithm``.
+
+    Raises:
+        SnapshotError: naming the file: unreadable, corrupt, another format or another algorithm's,
+            or a structure that is not JSON.
+    """
+    f = read_checked(path, MEMORY_FORMAT)
+    made_by = f.metadata.get("algorithm")
+    if made_by != algorithm:
+        raise SnapshotError(f"{f.path}: the memory was made by algorithm {made_by!r}, not {algorithm!r}")
+    try:
+        structure = json.loads(f.metadata.get("structure", "{}"))
+        n_edits = int(f.metadata.get("n_edits", "0"))
+    except ValueError as exc:
+        raise SnapshotError(f"{f.path}: the memory's structure or edit count does not parse ({exc})") from exc
+    if not isinstance(structure, dict):
+        raise SnapshotError(f"{f.path}: the memory's structure is not a JSON object")
+    return MemoryFile(f.path, MemoryState(dict(f.tensors), structure), n_edits, f.checksum)

@@ -154,7 +154,8 @@ class Sequential:
         except Exception as exc:  # the Editor rolled this step back; record and go on
             cases.error_rows(batch, step, editor.n_edits, exc, self.pre)
             return
-        norm = _norm(dict(self.setup.model.named_parameters()), editor.weights_copy.tensors)
+        with editor.detached():  # parameter names as the base's, whatever wrappers the memory holds
+            norm = _norm(dict(self.setup.model.named_parameters()), editor.weights_copy.tensors)
         flag = self.outlier(norm)
         if flag:
             log.warning("step %d: weight change %.3g is an outlier (> %.0fx the running median)", step, norm,
@@ -180,11 +181,12 @@ class Sequential:
         last = max((int(x["step"]) for x in self.ret.rows), default=0)
         recent = [(n, o) for s, n, o in self.steps if last < s <= step]
         means = {m: st["mean"] for m, st in summarize(post.metrics).items() if m in self.ret_metrics}
-        params = dict(self.setup.model.named_parameters())
+        with self.editor.detached():
+            total = _norm(dict(self.setup.model.named_parameters()), self.editor.originals.tensors)
         row: dict[str, Any] = {"step": step, "n_edits": n_edits, **means,
                                "step_norm": self.steps[-1][1] if self.steps and self.steps[-1][0] == step else None,
                                "max_step_norm": max((n for n, _ in recent), default=None),
-                               "total_norm": _norm(params, self.editor.originals.tensors),
+                               "total_norm": total,
                                "outlier": any(o for _, o in recent), "n_outliers": sum(o for _, o in recent)}
         self.ret.append(row)
         plot_retention(self.setup.out / "retention.png", self.ret.rows, self.steps, self.ret_metrics,

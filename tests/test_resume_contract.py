@@ -4,7 +4,7 @@ registered algorithm (tiny model).
 For each algorithm: a reference run goes through uninterrupted; a second run in another directory
 is killed (SIGKILL, a real process) right after an edit was applied but before its rows were
 written, resumed and killed again in the middle of writing a retention point's rows, then resumed
-to the end. The final weights delta, the algorithm's state, every metric cell of ``cases.csv`` and
+to the end. The final weights delta, the algorithm's state and memory (tensors and structure), every metric cell of ``cases.csv`` and
 every cell of ``retention.csv`` must be bit-identical to the reference. Whatever an algorithm derives
 from the base model (context templates, key statistics, projectors) must therefore be derived from
 the base model on resume too, not from the checkpoint's edited weights.
@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from harness.algorithms import available
 from harness.cli import compose_config, to_config
 from harness.results import ResumeError, read_json, read_rows
+from harness.safefiles import read_memory
 from harness.runner import ModelCache, run
 
 from conftest import as_overrides, tiny_hparams
@@ -100,11 +101,13 @@ def test_sigkilled_sequential_run_resumes_bit_identical(name: str, tmp_path: Pat
     killed(ov, resumed, "row:3")  # resumed, then killed while writing step 2's retention rows
     run(cfg, resumed, ov, cache=ModelCache(), progress=False)
 
-    for file in ("delta.safetensors", "algorithm_state.safetensors"):
+    for file in ("delta.safetensors", "algorithm_state.safetensors", "memory.safetensors"):
         a, b = load_file(str(ref / "checkpoint" / file)), load_file(str(resumed / "checkpoint" / file))
         assert a.keys() == b.keys()
         for key in a:
             assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), f"{file}: {key} differs"
+    memory = [read_memory(d / "checkpoint" / "memory.safetensors", name) for d in (ref, resumed)]
+    assert memory[0].state.structure_json() == memory[1].state.structure_json()  # IKE's facts, GRACE's labels
     a, b = comparable(read_rows(ref / "cases.csv")), comparable(read_rows(resumed / "cases.csv"))
     assert a.keys() == b.keys() and len(a) == 6 + 2 + 4 + 6  # 6 edit rows + retention of 2, 4 and 6 edits
     for key in a:

@@ -20,6 +20,25 @@ context templates, projectors) is not state: it stays valid across restores, and
 derived from an edited model. The Editor calls ``prepare`` before the first edit and, when a
 sequential run resumes, before the checkpoint is put on the freshly loaded base model.
 
+Memory (structural edits). Besides writing declared parameters, an algorithm may add memory to the
+model (``harness.algorithms.memory``): modules wrapped around named submodules, forward hooks, and/or
+a context transform the probes apply to every prompt (IKE's demonstrations). It then implements:
+
+  - ``memory_state() -> MemoryState``: the memory's tensors (safetensors) and structure (JSON-able);
+    ``load_memory(state)`` puts one back (an empty ``MemoryState()``: no memory);
+  - ``attach(model)``: install the current memory on the model (no-op when it is empty or already
+    installed); ``detach(model)``: remove everything installed, leaving the model's tree and hooks
+    as they were before ``attach``. ``apply`` may change the memory and must leave it attached;
+  - ``context() -> Callable[[str], str] | None``: the prompt transform of the current memory (it
+    must only prepend), or None.
+
+The Editor clones the memory before every edit; in single-edit mode it detaches and restores it in
+``finally`` (also when ``apply`` or a probe raised) and the ``StateSignature`` check proves the model
+is the base again; in sequential mode it detaches, verifies that nothing but the declared weights
+changed, and attaches again, so the memory persists, a failing step rolls back to the memory before
+it, and ``restore()`` removes it. Checkpoints and ``save_delta`` carry it (``memory.safetensors``,
+the structure as JSON in its checked metadata).
+
 Third-party algorithms register through the entry-point group ``harness.algorithms``
 (``name = "package.module:Class"``); they are loaded on first lookup.
 """
@@ -35,6 +54,7 @@ import torch
 from torch import nn
 
 from harness.algorithms.hparams import make_hparams
+from harness.algorithms.memory import Context, MemoryState
 from harness.registry import Registry
 from harness.types import EditReport, EditRequest
 
@@ -96,6 +116,31 @@ class EditAlgorithm:
 
     def reset_state(self) -> None:
         """Forget all accumulated state (back to 'no edits made')."""
+
+    # -- memory (structural edits) ------------------------------------------------------------
+    def memory_state(self) -> MemoryState:
+        """The memory this algorithm holds (tensors and JSON-able structure). Empty by default."""
+        return MemoryState()
+
+    def load_memory(self, state: MemoryState) -> None:
+        """Replace the held memory by ``state`` (not attached: the Editor calls ``attach``).
+
+        Raises:
+            AlgorithmError: this algorithm keeps no memory but ``state`` is not empty.
+        """
+        if not state.empty:
+            raise AlgorithmError(f"{self.name}: keeps no memory but was given {sorted(state.tensors)} "
+                                 f"{sorted(state.structure)}")
+
+    def attach(self, model: nn.Module) -> None:
+        """Install the held memory on ``model`` (hooks, wrappers); no-op when empty or installed."""
+
+    def detach(self, model: nn.Module) -> None:
+        """Remove everything ``attach`` (or ``apply``) installed on ``model``; no-op when nothing is."""
+
+    def context(self) -> Context | None:
+        """The prompt transform of the held memory (it must only prepend), or None."""
+        return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.hparams})"

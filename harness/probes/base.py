@@ -131,10 +131,11 @@ class Measurement:
 
 
 class ProbeSuite(Protocol):
-    """Anything with ``measure`` and ``infos`` can serve as the Editor's probes."""
+    """Anything with ``measure`` and ``infos`` can serve as the Editor's probes. ``context`` (a prompt ->
+    prompt transform) is passed only when the edit algorithm declares one."""
 
     def measure(self, model: Any, tok: Any, requests: Sequence[EditRequest],
-                reference: Measurement | None = None) -> Measurement: ...
+                reference: Measurement | None = None, context: Any = None) -> Measurement: ...
 
     def infos(self) -> list[MetricInfo]: ...
 

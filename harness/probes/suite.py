@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import nn
 
+from harness.algorithms.memory import Context, with_context
 from harness.probes.base import Measurement, MetricInfo, ProbeFamily
 from harness.probes.registry import METRICS, available, get_probe
 from harness.probes.scorer import score_pairs
@@ -71,7 +72,7 @@ class BatchedProbes:
         return [m for f in self.families for m in f.row_metrics()]
 
     def measure(self, model: nn.Module, tok, requests: Sequence[EditRequest],
-                reference: Measurement | None = None) -> Measurement:
+                reference: Measurement | None = None, context: Context | None = None) -> Measurement:
         """Score ``requests`` on ``model``.
 
         Args:
@@ -79,6 +80,10 @@ class BatchedProbes:
             requests: the requests to evaluate.
             reference: an earlier measurement of the same requests (the pre-edit one); agreement
                 metrics (``locality_acc``) compare with its extras. None compares with itself.
+            context: a prompt transform (an edit algorithm's, e.g. IKE's demonstrations) applied to
+                every prompt of every request before any family sees it
+                (``harness.algorithms.memory.with_context``), so every family scores and generates
+                from the prompts with their context.
 
         Returns:
             A ``Measurement``: per request the per-case metric values (aggregates such as ``score``
@@ -91,7 +96,7 @@ class BatchedProbes:
             ValueError: a reference of a different length or for different cases; a family that
                 returns metrics it was not asked for or extras keys another family (or the suite) uses.
         """
-        requests = list(requests)
+        requests = [with_context(r, context) for r in requests]
         if reference is not None and len(reference.extras) != len(requests):
             raise ValueError(f"reference has {len(reference.extras)} extras for {len(requests)} requests")
         needed = [[p for f in self.families for p in f.pairs(r)] for r in requests]
