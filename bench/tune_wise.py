@@ -16,7 +16,6 @@ import time
 
 import torch
 
-from harness.algorithms.hooks import Hooks
 from harness.algorithms.wise import Wise
 from harness.data import load_requests
 from harness.models import load_model
@@ -58,21 +57,19 @@ def main() -> None:
     for trial in args.trial or [""]:
         algo = Wise(parse([s for s in trial.split(";") if s]))
         algo.prepare(model, tok)
-        module, hook = algo.hook(model)
         t0, seconds = time.perf_counter(), 0.0
         for i, r in enumerate(reqs, 1):
             rep = algo.apply(model, tok, [r])
             seconds += rep.seconds
             if i in points:
-                with Hooks() as hooks:
-                    hooks.output(module, hook)
-                    post = probes.measure(model, tok, reqs[:i], reference=pre.subset(range(i)))
+                post = probes.measure(model, tok, reqs[:i], reference=pre.subset(range(i)))  # apply left it attached
                 s = summarize(post.metrics)
                 print(f"{trial or 'defaults'} T={i}: rewrite {s['rewrite_acc']['mean']:.3f} rephrase "
                       f"{s['rephrase_acc']['mean']:.3f} locality {s['locality_acc']['mean']:.3f} | "
                       f"{seconds / i:.1f} s/edit, last: steps {rep.info['steps']:.0f} loss {rep.losses['loss_final']:.3f} "
                       f"nll {rep.losses['nll_final']:.3f} edit_min {rep.info['edit_score_min']:.2f} "
                       f"irr_max {rep.info['irrelevant_score_max']:.2f} eps {rep.info['threshold']:.2f}", flush=True)
+        algo.detach(model)
         print(f"  total {time.perf_counter() - t0:.0f}s", flush=True)
 
 

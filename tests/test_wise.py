@@ -10,8 +10,10 @@ import torch
 
 from harness import EditRequest
 from harness.algorithms.hooks import Hooks
-from harness.algorithms.wise import IrrelevantHparams, Wise, load_irrelevant, margin_loss
-from harness.algorithms.wise_memory import (SideMemory, gradient_mask, route, running_mean, ties_merge,
+from harness.algorithms.base import AlgorithmError
+from harness.algorithms.wise import IrrelevantHparams, Wise, load_irrelevant
+from harness.algorithms.wise_train import margin_loss
+from harness.algorithms.wise_memory import (SideMemory, WiseHook, gradient_mask, route, running_mean, ties_merge,
                                             trim)
 from harness.models import tiny_model
 
@@ -125,19 +127,20 @@ def test_irrelevant_pool_formats(tmp_path: Path) -> None:
 # on the tiny model
 
 
-def _forward(model, tok, texts, hook_at=None):
+def _forward(model, tok, texts):
     ids = tok(texts, return_tensors="pt", padding=True)
-    with torch.no_grad(), Hooks() as hooks:
-        if hook_at is not None:
-            hooks.output(*hook_at)
+    with torch.no_grad():
         return model(**ids).logits, ids["attention_mask"]
 
 
 def test_an_empty_memory_changes_nothing() -> None:
     model, tok = tiny_model("llama", n_layers=2)
-    algo = Wise(TINY)
     base, _ = _forward(model, tok, ["The mother tongue of Danielle Darrieux is", "Rivers flow"])
-    same, _ = _forward(model, tok, ["The mother tongue of Danielle Darrieux is", "Rivers flow"], algo.hook(model))
+    memory = SideMemory()
+    memory.start_shard(model.get_parameter("model.layers.1.mlp.down_proj.weight"))  # a shard with no edit yet
+    with Hooks() as hooks:
+        hooks.output(model.get_submodule("model.layers.1.mlp.down_proj"), WiseHook(memory, False, 0.9))
+        same, _ = _forward(model, tok, ["The mother tongue of Danielle Darrieux is", "Rivers flow"])
     assert torch.equal(base, same)
 
 
@@ -147,6 +150,9 @@ def test_training_writes_the_side_memory_only_inside_the_mask_and_routes_the_edi
     algo = Wise(TINY)
     report = algo.apply(model, tok, [REQ])
     assert all(torch.equal(p, params[n]) and p.grad is None for n, p in model.named_parameters())
+    hooked = [n for n, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+    assert hooked == ["model.layers.1.mlp.down_proj"]  # apply leaves the memory attached (the contract)
+    algo.detach(model)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     mem = algo.memory.active
     mask = gradient_mask(mem.delta.shape, 0.5, algo.memory.shards_started)
@@ -157,33 +163,42 @@ def test_training_writes_the_side_memory_only_inside_the_mask_and_routes_the_edi
 
     texts = [REQ.rewrite_prompt + " English", "Rivers are streams of fresh water that flow"]
     base, attn = _forward(model, tok, texts)
-    module, hook = algo.hook(model)
-    edited, _ = _forward(model, tok, texts, (module, hook))
+    algo.attach(model)
+    algo.attach(model)  # idempotent
+    edited, _ = _forward(model, tok, texts)
     last = int(attn[0].sum()) - 1
     assert not torch.equal(base[0, last], edited[0, last])  # the edit prompt is routed to the side memory
     assert torch.equal(base[1], edited[1])  # the irrelevant text keeps the main memory's output
-    alone, _ = _forward(model, tok, texts[:1], (module, hook))
+    alone, _ = _forward(model, tok, texts[:1])
     assert torch.allclose(alone[0], edited[0, :alone.shape[1]], atol=1e-5)  # padding in the batch changes nothing
 
 
-def test_state_round_trip_restores_the_memory_in_place() -> None:
+def test_memory_state_round_trip_and_errors() -> None:
+    from harness.algorithms.memory import MemoryState
+
     model, tok = tiny_model("llama", n_layers=2)
     algo = Wise(TINY)
-    module, hook = algo.hook(model)
-    empty = algo.state_dict()
+    assert algo.memory_state().empty and algo.state_dict() == {}
     algo.apply(model, tok, [REQ])
-    saved = {k: v.clone() for k, v in algo.state_dict().items()}
-    algo.load_state_dict(empty)
-    assert hook.memory.empty()  # the hook reads the instance's memory object, changed in place
-    algo.load_state_dict(saved)
-    assert all(torch.equal(algo.state_dict()[k], v) for k, v in saved.items())
-    algo.reset_state()
-    assert algo.state_dict().keys() == {"shards_started", "edits_total"}
+    saved = algo.memory_state().clone()
+    assert set(saved.tensors) == {"active.0"} and saved.structure["layer"] == 1
+    assert saved.structure["memories"] == [{"kind": "active", "index": 0, "edits": 1,
+                                            "min_score": algo.memory.active.min_score}]
+    hook = model.get_submodule("model.layers.1.mlp.down_proj")._forward_hooks
+    algo.load_memory(MemoryState())
+    assert algo.memory.empty() and algo.memory_state().empty  # the attached hook sees the same object
+    algo.load_memory(saved)
+    assert algo.memory_state().equals(saved) and len(hook) == 1
+    with pytest.raises(AlgorithmError, match="trained at layer 0"):
+        algo.load_memory(MemoryState(saved.tensors, {**saved.structure, "layer": 0}))
+    with pytest.raises(AlgorithmError, match=r"memory tensors \['extra'\] are not in its structure"):
+        algo.load_memory(MemoryState({**saved.tensors, "extra": torch.zeros(1)}, saved.structure))
+    algo.detach(model)
 
 
 def test_the_nll_from_target_positions_equals_the_fine_tuning_objective() -> None:
     from harness.algorithms.batches import target_batch, target_nll
-    from harness.algorithms.wise import target_positions_nll
+    from harness.algorithms.wise_train import target_positions_nll
     from harness.tokens import encode_pairs
 
     model, tok = tiny_model("llama", n_layers=2)

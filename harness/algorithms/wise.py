@@ -37,7 +37,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -45,14 +45,13 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from harness.algorithms.base import AlgorithmError, EditAlgorithm
-from harness.algorithms.batches import TargetBatch
-from harness.algorithms.finetune import seeded, trainable
-from harness.algorithms.hooks import Hooks, StopForward, hidden_of, logit_head, run_to_stop
-from harness.algorithms.locate import TemplateCache, TemplateHparams, fill_template
-from harness.algorithms.wise_memory import Memory, SideMemory, WiseHook, gradient_mask, running_mean
-from harness.models import get_module, model_spec, num_layers
-from harness.tokens import encode_pairs, pad_batch, pad_id
+from harness.algorithms.base import AlgorithmError, EditAlgorithm, register
+from harness.algorithms.finetune import seeded
+from harness.algorithms.locate import TemplateCache, TemplateHparams
+from harness.algorithms.memory import Installation, MemoryState
+from harness.algorithms.wise_memory import SideMemory, WiseHook, gradient_mask
+from harness.algorithms.wise_train import projection, train_shard
+from harness.models import model_spec
 from harness.types import EditReport, EditRequest
 
 log = logging.getLogger(__name__)
@@ -195,192 +194,12 @@ def _irrelevant_text(record: Any, path: Path, index: int) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# the projection and one batch of training
-
-
-def projection(model: nn.Module, layer: int) -> tuple[nn.Module, nn.Parameter, bool]:
-    """The MLP output projection at ``layer``, its weight, and whether the weight is stored transposed.
-
-    Raises:
-        AlgorithmError: ``layer`` out of range.
-    """
-    spec = model_spec(model)
-    try:
-        module = get_module(model, spec.mlp_out.format(layer))
-    except (AttributeError, IndexError, KeyError) as exc:
-        raise AlgorithmError(f"wise: layer {layer} has no MLP output projection {spec.mlp_out.format(layer)!r}") from exc
-    return module, module.weight, spec.out_transposed
-
-
-# ----------------------------------------------------------------------------------------------
-# training one batch of edits
-
-
-def _rows(tok: Any, requests: Sequence[EditRequest], templates: Sequence[str], irrelevant: Sequence[str],
-          device: torch.device) -> tuple[TargetBatch, torch.Tensor, torch.Tensor, int]:
-    """One right-padded batch: template rows of every request, then the irrelevant rows.
-
-    Returns:
-        (batch, decide [B, L] bool: positions predicting a target token (template rows) or any real
-        token (irrelevant rows), owner [n_template_rows]: the request of each template row,
-        n_template_rows).
-    """
-    pairs = [(fill_template(t, r.rewrite_prompt), r.target_new) for r in requests for t in templates]
-    owner = torch.tensor([i for i in range(len(requests)) for _ in templates])
-    items = encode_pairs(tok, pairs)
-    irr_ids = [list(ids) for ids in tok(list(irrelevant))["input_ids"]]
-    seqs = [list(it.ids) for it in items] + irr_ids
-    ids, attn = pad_batch(seqs, pad_id(tok))
-    labels, _ = pad_batch([[0] * len(it.prompt_ids) + [1] * len(it.target_ids) for it in items]
-                          + [[0] * len(s) for s in irr_ids], 0, width=ids.shape[1])
-    labels = labels.bool()
-    decide = torch.zeros_like(labels)
-    decide[:, :-1] = labels[:, 1:]
-    decide[len(items):] = attn[len(items):].bool()
-    batch = TargetBatch(ids.to(device), attn.to(device), labels.to(device))
-    return batch, decide.to(device), owner.to(device), len(items)
-
-
-def _mean_violation(x: torch.Tensor) -> torch.Tensor:
-    """Mean of the positive entries of ``x`` (0 when none): the reference's hinge averaging."""
-    pos = x[x > 0]
-    return pos.mean() if pos.numel() else x.new_zeros(())
-
-
-def margin_loss(run_mean: torch.Tensor, decide: torch.Tensor, n_edit: int, alpha: float, beta: float,
-                gamma: float) -> torch.Tensor:
-    """The paper's routing margins on running-mean scores [B, L] (edit rows first, ``n_edit`` of them)."""
-    s_edit = run_mean[:n_edit][decide[:n_edit]]
-    s_irr = run_mean[n_edit:][decide[n_edit:]]
-    loss = _mean_violation(beta - s_edit)
-    if s_irr.numel():
-        loss = loss + _mean_violation(s_irr - alpha) + _mean_violation(gamma - (s_edit - s_irr.max()))
-    return loss
-
-
-class UpperForward:
-    """The logits of a fixed batch computed from block ``layer`` up: the blocks below do not depend on
-    the side memory, so their output is computed once (``docs/algorithms/wise.md``, cost).
-
-    The first call is checked against the whole model's forward; where they differ (an architecture
-    whose blocks need more than the hidden states and the keyword arguments every block gets), every
-    call runs the whole model instead.
-    """
-
-    def __init__(self, model: nn.Module, batch: TargetBatch, layer: int) -> None:
-        spec = model_spec(model)
-        self.model, self.batch = model, batch
-        self.blocks = [get_module(model, spec.layer.format(i)) for i in range(layer, num_layers(model))]
-        self.head = logit_head(model, spec)
-        seen: list[tuple[tuple, dict[str, Any]]] = []
-
-        def grab(_m: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-            seen.append((args, kwargs))
-            raise StopForward
-
-        with torch.no_grad(), Hooks() as hooks:
-            hooks.input(self.blocks[0], grab)
-            run_to_stop(model, **self._inputs())
-        self.args, self.kwargs = seen[0] if seen else ((), {})
-        self.checked = self.fast = bool(seen)
-
-    def _inputs(self) -> dict[str, Any]:
-        return dict(input_ids=self.batch.input_ids, attention_mask=self.batch.attention_mask, use_cache=False)
-
-    def __call__(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """The logits at positions ``(rows[k], cols[k])`` only ([K, vocab]): the unembedding of every
-        position would cost more than the blocks above a late layer."""
-        if not self.fast:
-            return self.model(**self._inputs()).logits[rows, cols]
-        h = self.args[0]
-        for block in self.blocks:
-            h = hidden_of(block(h, *self.args[1:], **self.kwargs))
-        logits = self.head(h[rows, cols])
-        if self.checked:
-            self.checked = False
-            with torch.no_grad():
-                full = self.model(**self._inputs()).logits[rows, cols]
-            if not torch.allclose(logits.detach(), full, rtol=1e-4, atol=1e-4):
-                log.warning("wise: the forward from block %d differs from the whole model's (max %.3g); "
-                            "running the whole model each step", len(self.blocks),
-                            float((logits.detach() - full).abs().max()))
-                self.fast = False
-                return self.model(**self._inputs()).logits[rows, cols]
-        return logits
-
-
-def target_positions_nll(logits: torch.Tensor, batch: TargetBatch, rows: torch.Tensor,
-                         cols: torch.Tensor) -> torch.Tensor:
-    """``batches.target_nll`` averaged over the rows, from the logits at the positions that predict
-    target tokens only (``rows``, ``cols``: those positions; the gold token is the next one)."""
-    logp = torch.log_softmax(logits.to(torch.float32), dim=-1)
-    tok_nll = -logp.gather(-1, batch.input_ids[rows, cols + 1].unsqueeze(-1)).squeeze(-1)
-    n_rows = batch.input_ids.shape[0]
-    total = torch.zeros(n_rows, device=logits.device).index_add(0, rows, tok_nll)
-    count = torch.zeros(n_rows, device=logits.device).index_add(0, rows, torch.ones_like(tok_nll))
-    return (total / count).mean()
-
-
-def train_shard(model: nn.Module, tok: Any, hook: WiseHook, module: nn.Module, memory: Memory, mask: torch.Tensor,
-                requests: Sequence[EditRequest], templates: Sequence[str], irrelevant: Sequence[str],
-                hp: WiseHparams) -> dict[str, float]:
-    """Train ``memory.delta`` on ``requests`` (out of place) and update its edits and ``min_score``.
-
-    Returns:
-        Losses and scores for the report (``loss_first``, ``loss_final``, ``nll_final``, ``steps``,
-        ``edit_score_min``, ``irrelevant_score_max``).
-
-    Raises:
-        AlgorithmError: a non-finite loss.
-    """
-    device = memory.delta.device
-    batch, decide, owner, n_edit = _rows(tok, requests, templates, irrelevant, device)
-    edit = TargetBatch(batch.input_ids[:n_edit], batch.attention_mask[:n_edit], batch.label_mask[:n_edit])
-    delta = memory.delta.clone().requires_grad_(True)
-    mask = mask.to(device)
-    losses: list[float] = []
-    nll = torch.zeros(())
-    with Hooks() as hooks, trainable(model, []), torch.enable_grad():
-        hooks.output(module, hook)
-        hook.training = delta
-        try:
-            forward = UpperForward(model, batch, hp.layer)
-            rows, cols = decide[:n_edit].nonzero(as_tuple=True)
-            for _ in range(hp.num_steps):
-                nll = target_positions_nll(forward(rows, cols), edit, rows, cols)
-                loss = nll + margin_loss(running_mean(hook.scores), decide, n_edit, hp.alpha, hp.beta, hp.gamma)
-                losses.append(float(loss.detach()))
-                if not math.isfinite(losses[-1]):
-                    raise AlgorithmError(f"wise: non-finite loss at step {len(losses) - 1}")
-                if losses[-1] < hp.early_stop_loss:
-                    break
-                (grad,) = torch.autograd.grad(loss, [delta])
-                with torch.no_grad():
-                    delta -= hp.lr * grad * mask
-                    if hp.norm_constraint is not None:
-                        delta.clamp_(-hp.norm_constraint, hp.norm_constraint)
-            with torch.no_grad():
-                forward(rows[:1], cols[:1])
-                run_mean = running_mean(hook.scores)
-        finally:
-            hook.training, hook.scores = None, None
-    at = torch.where(decide[:n_edit], run_mean[:n_edit], torch.full_like(run_mean[:n_edit], torch.inf)).amin(1)
-    per_request = torch.full((len(requests),), torch.inf, device=device).scatter_reduce(0, owner, at, "amin")
-    irr = run_mean[n_edit:][decide[n_edit:]]
-    memory.delta = delta.detach()
-    memory.edits += len(requests)
-    memory.min_score = min(memory.min_score, float(per_request.min()))
-    return {"loss_first": losses[0], "loss_final": losses[-1], "nll_final": float(nll.detach()),
-            "steps": float(len(losses)), "edit_score_min": float(per_request.min()),
-            "irrelevant_score_max": float(irr.max()) if irr.numel() else 0.0, "fast_forward": float(forward.fast)}
-
-
-# ----------------------------------------------------------------------------------------------
 # the algorithm
 
 
+@register("wise")
 class Wise(EditAlgorithm):
-    """WISE: the side memory is this instance's state; the hook on the projection reads it."""
+    """WISE: the side memory is this instance's memory (``memory_state``); ``attach`` puts the routing hook on."""
 
     Hparams = WiseHparams
 
@@ -389,6 +208,7 @@ class Wise(EditAlgorithm):
         self.memory = SideMemory()
         self._templates = TemplateCache()
         self._irrelevant: Optional[list[str]] = None
+        self._installed = Installation()
 
     # -- base-model quantities -----------------------------------------------------------------
     def prepare(self, model: nn.Module, tok: Any) -> None:
@@ -402,19 +222,26 @@ class Wise(EditAlgorithm):
     def targets(self, model: nn.Module, requests: Sequence[EditRequest]) -> set[str]:
         return set()  # no parameter is written: the memory lives in the side memory
 
-    def hook(self, model: nn.Module) -> tuple[nn.Module, WiseHook]:
-        """The projection the side memory sits on and a hook reading this instance's memory."""
-        module, _, transposed = projection(model, self.hparams.layer)
-        return module, WiseHook(self.memory, transposed, self.hparams.act_ratio)
-
     def apply(self, model: nn.Module, tok: Any, requests: Sequence[EditRequest]) -> EditReport:
         t0 = time.perf_counter()
         hp = self.hparams
         if not requests:
             return EditReport()
         self.prepare(model, tok)
-        module, weight, transposed = projection(model, hp.layer)
+        self.detach(model)  # training adds Δ itself; the routed memory must not answer as well
+        try:
+            info = self._train(model, tok, requests)
+        finally:
+            self.attach(model)
         mem = self.memory
+        losses = {k: info.pop(k) for k in ("loss_first", "loss_final", "nll_final")}
+        info.update(shards=len(mem.memories()), threshold=hp.act_ratio * min(m.min_score for m in mem.memories()))
+        return EditReport(seconds=time.perf_counter() - t0, losses=losses, info=info)
+
+    def _train(self, model: nn.Module, tok: Any, requests: Sequence[EditRequest]) -> dict[str, float]:
+        """One batch into the active shard (a new shard first when it is full), then merge when due."""
+        hp, mem = self.hparams, self.memory
+        module, weight, transposed = projection(model, hp.layer)
         if mem.active is None or mem.active.edits >= hp.shard_size:
             mem.start_shard(weight.detach())
         mask = gradient_mask(weight.shape, hp.mask_ratio, hp.seed * 1_000_003 + mem.shards_started)
@@ -428,30 +255,77 @@ class Wise(EditAlgorithm):
         mem.edits_total += len(requests)
         if sum(m.edits for m in mem.pending) + mem.active.edits >= hp.merge_every:
             mem.merge(hp.merge_density, hp.retrieve)
-        losses = {k: info.pop(k) for k in ("loss_first", "loss_final", "nll_final")}
-        info.update(shards=len(mem.memories()), threshold=hp.act_ratio * min(m.min_score for m in mem.memories()))
-        return EditReport(seconds=time.perf_counter() - t0, losses=losses, info=info)
-
-    # -- explicit state ------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.memory.state_dict()
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Replace the whole side memory (deltas stay on the device they were saved from).
-
-        Raises:
-            AlgorithmError: an entry that is not part of a WISE memory.
-        """
-        try:
-            restored = SideMemory.from_state(state)
-        except ValueError as exc:
-            raise AlgorithmError(str(exc)) from exc
-        self._set_memory(restored)
+        return info
 
     def reset_state(self) -> None:
+        """Forget every edit (the memory is not detached here: the Editor does that)."""
         self._set_memory(SideMemory())
 
     def _set_memory(self, memory: SideMemory) -> None:
-        """Change the memory in place, so hooks holding ``self.memory`` see the new one."""
+        """Change the memory in place, so an attached hook (which holds ``self.memory``) sees the new one."""
         for name in ("active", "pending", "merged", "shards_started", "edits_total"):
             setattr(self.memory, name, getattr(memory, name))
+
+    # -- memory (structural edit) ----------------------------------------------------------------
+    def memory_state(self) -> MemoryState:
+        """The side memory: each memory's Δ as a tensor; counts, scores and the layer as structure.
+
+        Empty (``MemoryState()``) when no edit is held, as the contract requires after a restore.
+        """
+        mem = self.memory
+        if mem.empty() and mem.shards_started == 0 and mem.edits_total == 0:
+            return MemoryState()
+        tensors: dict[str, torch.Tensor] = {}
+        entries = []
+        for kind, group in (("merged", mem.merged), ("pending", mem.pending),
+                            ("active", [mem.active] if mem.active is not None else [])):
+            for i, m in enumerate(group):
+                tensors[f"{kind}.{i}"] = m.delta
+                entries.append({"kind": kind, "index": i, "edits": m.edits, "min_score": m.min_score})
+        structure = {"layer": self.hparams.layer, "shards_started": mem.shards_started,
+                     "edits_total": mem.edits_total, "memories": entries}
+        return MemoryState(tensors, structure)
+
+    def load_memory(self, state: MemoryState) -> None:
+        """Replace the side memory by ``state`` (not attached).
+
+        Raises:
+            AlgorithmError: a memory of another layer, or tensors and structure that do not match.
+        """
+        if state.empty:
+            self._set_memory(SideMemory())
+            return
+        s = state.structure
+        if s.get("layer") != self.hparams.layer:
+            raise AlgorithmError(f"wise: the memory was trained at layer {s.get('layer')}, this instance edits "
+                                 f"layer {self.hparams.layer}")
+        flat: dict[str, torch.Tensor] = {"shards_started": torch.tensor(int(s["shards_started"])),
+                                         "edits_total": torch.tensor(int(s["edits_total"]))}
+        names = set()
+        for e in s.get("memories", []):
+            key = f"{e['kind']}.{e['index']}"
+            if key not in state.tensors:
+                raise AlgorithmError(f"wise: the memory's structure names {key!r} but it has no such tensor")
+            names.add(key)
+            flat[f"{key}.delta"] = state.tensors[key]
+            flat[f"{key}.edits"] = torch.tensor(int(e["edits"]))
+            flat[f"{key}.min_score"] = torch.tensor(float(e["min_score"]), dtype=torch.float64)
+        extra = sorted(set(state.tensors) - names)
+        if extra:
+            raise AlgorithmError(f"wise: memory tensors {extra} are not in its structure")
+        try:
+            self._set_memory(SideMemory.from_state(flat))
+        except ValueError as exc:
+            raise AlgorithmError(str(exc)) from exc
+
+    def attach(self, model: nn.Module) -> None:
+        """Install the routing hook on the projection (no-op when the memory is empty or it is installed)."""
+        if self._installed or self.memory.empty():
+            return
+        module, _, transposed = projection(model, self.hparams.layer)
+        name = model_spec(model).mlp_out.format(self.hparams.layer)
+        self._installed.hook(model, name, WiseHook(self.memory, transposed, self.hparams.act_ratio))
+
+    def detach(self, model: nn.Module) -> None:
+        self._installed.remove()
+        self._installed = Installation()

@@ -51,7 +51,7 @@ def side_delta(x: torch.Tensor, delta: torch.Tensor, transposed: bool = False) -
     Returns:
         [..., d_out] float32.
     """
-    x = x.to(torch.float32)
+    x, delta = x.to(torch.float32), delta.to(x.device)
     return x @ delta if transposed else F.linear(x, delta)
 
 
