@@ -209,3 +209,12 @@ def test_the_nll_from_target_positions_equals_the_fine_tuning_objective() -> Non
     rows, cols = batch.label_mask[:, 1:].nonzero(as_tuple=True)
     got = target_positions_nll(logits[rows, cols], batch, rows, cols)
     assert torch.allclose(got, target_nll(logits, batch).mean(), atol=1e-6)
+
+
+def test_gpt2_conv1d_projection(tiny_gpt2) -> None:
+    model, tok = tiny_gpt2
+    algo = Wise(TINY)
+    report = algo.apply(model, tok, [REQ])
+    assert algo.memory.active.delta.shape == model.get_parameter("transformer.h.1.mlp.c_proj.weight").shape
+    assert report.info["edit_score_min"] > report.info["threshold"] and report.info["fast_forward"] == 1.0
+    algo.detach(model)

@@ -60,7 +60,7 @@ DEFAULT_IRRELEVANT = Path(__file__).resolve().parents[1] / "data" / "samples" / 
 
 
 def _wise_templates() -> TemplateHparams:
-    return TemplateHparams(length_params=[[5, 5], [10, 5]])  # EasyEdit's wise_main: 1 + 5 + 5 rows
+    return TemplateHparams(length_params=[[5, 2]])  # 1 + 2 rows (EasyEdit's wise_main: [[5, 5], [10, 5]], 11 rows)
 
 
 @dataclass
@@ -114,7 +114,7 @@ class WiseHparams:
     """
 
     layer: int = 24
-    num_steps: int = 40
+    num_steps: int = 30
     lr: float = 1.0
     alpha: float = 5.0
     beta: float = 20.0
