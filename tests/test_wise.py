@@ -218,3 +218,32 @@ def test_gpt2_conv1d_projection(tiny_gpt2) -> None:
     assert algo.memory.active.delta.shape == model.get_parameter("transformer.h.1.mlp.c_proj.weight").shape
     assert report.info["edit_score_min"] > report.info["threshold"] and report.info["fast_forward"] == 1.0
     algo.detach(model)
+
+
+@pytest.mark.parametrize("retrieve", [False, True])
+def test_shards_start_and_merge_on_schedule(retrieve: bool) -> None:
+    model, tok = tiny_model("llama", n_layers=2)
+    algo = Wise({**TINY, "num_steps": 4, "shard_size": 1, "merge_every": 2, "retrieve": retrieve})
+    reqs = [EditRequest(case_id=str(i), prompt="{} plays the", subject=s, target_new=t)
+            for i, (s, t) in enumerate([("Toko Yasuda", "piano"), ("Ed Sheeran", "drums"), ("Yo-Yo Ma", "cello"),
+                                        ("Adele", "harp")])]
+    kinds = []
+    for r in reqs:
+        algo.apply(model, tok, [r])
+        kinds.append([(e["kind"], e["edits"]) for e in algo.memory_state().structure["memories"]])
+    merged_twice = [("merged", 2), ("merged", 2)] if retrieve else [("merged", 4)]
+    assert kinds == [[("active", 1)], [("merged", 2)], [("merged", 2), ("active", 1)], merged_twice]
+    assert algo.memory_state().structure["shards_started"] == 4
+    algo.detach(model)
+
+
+def test_hyperparameters_are_checked() -> None:
+    with pytest.raises(ValueError, match="multiple of shard_size"):
+        Wise(shard_size=3, merge_every=4)
+    with pytest.raises(ValueError, match="beta > alpha"):
+        Wise(alpha=5.0, beta=5.0)
+    with pytest.raises(TypeError, match=r"irrelevant\.pth"):
+        Wise(irrelevant={"pth": "x"})
+    model, tok = tiny_model("llama", n_layers=2)
+    with pytest.raises(AlgorithmError, match="layer 7 has no MLP output projection"):
+        Wise(layer=7).prepare(model, tok)
