@@ -247,3 +247,23 @@ def test_hyperparameters_are_checked() -> None:
     model, tok = tiny_model("llama", n_layers=2)
     with pytest.raises(AlgorithmError, match="layer 7 has no MLP output projection"):
         Wise(layer=7).prepare(model, tok)
+
+
+def test_an_edited_model_saves_and_reloads_with_its_side_memory(tmp_path: Path) -> None:
+    from harness import Editor
+
+    model, tok = tiny_model("llama", n_layers=2)
+    texts = [REQ.rewrite_prompt + " English", "Rivers are streams of fresh water"]
+    base, _ = _forward(model, tok, texts)
+    editor = Editor(model, tok, Wise(TINY), probes=None, keep_original_weight=False)
+    editor.edit([REQ])
+    edited, _ = _forward(model, tok, texts)
+    assert not torch.equal(base, edited)
+    editor.save_delta(tmp_path / "edit.safetensors")
+
+    fresh, tok2 = tiny_model("llama", n_layers=2)
+    again = Editor(fresh, tok2, Wise(TINY), probes=None, keep_original_weight=False)
+    again.apply_delta(tmp_path / "edit.safetensors")
+    assert torch.equal(_forward(fresh, tok2, texts)[0], edited)  # the same routed outputs, bit for bit
+    again.restore()
+    assert torch.equal(_forward(fresh, tok2, texts)[0], base)
