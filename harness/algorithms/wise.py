@@ -7,13 +7,13 @@ forward hook on that projection (``wise_memory.WiseHook``): at each position the
 or, where the activation score ``||A(x) Δᵀ||`` (running mean over the tokens so far) exceeds the
 memory's threshold ε, the side memory's.
 
-Training one batch of edits (``train_shard``; EasyEdit's ``WISE.edit``, written anew):
+Training one batch of edits (``wise_train.train_shard``; EasyEdit's ``WISE.edit``, written anew):
 * rows: every context template (``templates``, sampled from the base model) around each request's
   prompt + target, plus ``irrelevant.per_edit`` irrelevant texts per request (the reference takes
   zsRE *train* records' ``loc + " " + loc_ans``; see ``IrrelevantHparams``); the forward adds
   ``A(x) Δᵀ`` on every row;
 * loss: the target NLL of the template rows plus the paper's margin losses on the running-mean
-  scores ``s``: ``[α - ... ]`` as ``mean⁺(s_irr - α) + mean⁺(β - s_edit) + mean⁺(γ - (s_edit - max s_irr))``
+  scores ``s``: ``mean⁺(s_irr - α) + mean⁺(β - s_edit) + mean⁺(γ - (s_edit - max s_irr))``
   (``mean⁺``: mean over the violating entries, as the reference); ``s_edit`` is read at the
   positions whose logits predict target tokens, ``s_irr`` at every token of the irrelevant rows;
 * SGD on Δ with the shard's random gradient mask (ratio ρ), Δ clamped to ``±norm_constraint``;
@@ -29,6 +29,10 @@ Deviations from the reference, each for a reason: routing per position by the ru
 harness batches right-padded inputs; module docstring of ``wise_memory``); no SGD weight decay (in
 the reference it shrinks every entry of W' towards zero, masked or not); the NLL is read on the
 target tokens only (the reference's ``only_label`` mask starts one token early).
+
+Contract (``harness.algorithms.memory``): no parameter is declared or written; the side memory is
+the algorithm's memory (``memory_state``: each memory's Δ as a tensor, its edit count and score and
+the layer as JSON structure), ``attach`` installs the routing hook, ``detach`` removes it.
 """
 from __future__ import annotations
 
