@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,9 +20,6 @@ from harness.algorithms.wise_memory import Memory, WiseHook, running_mean
 from harness.models import get_module, model_spec, num_layers
 from harness.tokens import encode_pairs, pad_batch, pad_id
 from harness.types import EditRequest
-
-if TYPE_CHECKING:
-    from harness.algorithms.wise import WiseHparams
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +153,10 @@ def target_positions_nll(logits: torch.Tensor, batch: TargetBatch, rows: torch.T
 
 def train_shard(model: nn.Module, tok: Any, hook: WiseHook, module: nn.Module, memory: Memory, mask: torch.Tensor,
                 requests: Sequence[EditRequest], templates: Sequence[str], irrelevant: Sequence[str],
-                hp: "WiseHparams") -> dict[str, float]:
+                hp: Any) -> dict[str, float]:
     """Train ``memory.delta`` on ``requests`` (out of place) and update its edits and ``min_score``.
+
+    ``hp`` is the algorithm's ``wise.WiseHparams`` (not imported here: wise.py imports this module).
 
     Returns:
         Losses and scores for the report (``loss_first``, ``loss_final``, ``nll_final``, ``steps``,
