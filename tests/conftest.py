@@ -80,6 +80,8 @@ def tiny_hparams(name: str, tmp_path: Path) -> dict | None:
         "alphaedit": spread,
         "grace": {"layer": 0, "n_iter": 5},
         "ike": {"k": 2},
+        "wise": {"layer": 1, "num_steps": 3, "lr": 50.0, "alpha": 0.5, "beta": 2.0, "gamma": 1.0,
+                 "templates": {"length_params": [[3, 1]]}},
     }.get(name)
 
 

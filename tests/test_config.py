@@ -243,6 +243,10 @@ ANCHORS = {
     ("llama_local", "ft"): {"layers": [21], "num_steps": 25, "batch_size": 1, "lr": 5e-4, "weight_decay": 0.0,
                             "norm_constraint": None, "include_bias": False},
 }
+ANCHORS[("llama_local", "wise")] = {"layer": 29, "num_steps": 30, "lr": 0.9, "alpha": 2.0, "beta": 20.0, "gamma": 10.0,
+                                    "act_ratio": 0.5, "mask_ratio": 0.2, "norm_constraint": 1.0, "shard_size": 500,
+                                    "merge_every": 1000, "merge_density": 0.53, "retrieve": True,
+                                    "templates.length_params": [[5, 5], [10, 5]]}
 ANCHORS[("gpt2_local", "ft_m")] = ANCHORS[("gpt2_local", "ft")]
 ANCHORS[("llama_local", "ft_m")] = ANCHORS[("llama_local", "ft")]
 

@@ -1,0 +1,207 @@
+"""One batch of WISE training (docs/algorithms/wise.md, ``harness/algorithms/wise.py``): the rows,
+the margin losses, the forward from the edited block up, and the SGD loop on the side memory's Δ.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from harness.algorithms.base import AlgorithmError
+from harness.algorithms.batches import TargetBatch
+from harness.algorithms.finetune import trainable
+from harness.algorithms.hooks import Hooks, StopForward, hidden_of, logit_head, run_to_stop
+from harness.algorithms.locate import fill_template
+from harness.algorithms.wise_memory import Memory, WiseHook, running_mean
+from harness.models import get_module, model_spec, num_layers
+from harness.tokens import encode_pairs, pad_batch, pad_id
+from harness.types import EditRequest
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------
+# the projection and one batch of training
+
+
+def projection(model: nn.Module, layer: int) -> tuple[nn.Module, nn.Parameter, bool]:
+    """The MLP output projection at ``layer``, its weight, and whether the weight is stored transposed.
+
+    Raises:
+        AlgorithmError: ``layer`` out of range.
+    """
+    spec = model_spec(model)
+    try:
+        module = get_module(model, spec.mlp_out.format(layer))
+    except (AttributeError, IndexError, KeyError) as exc:
+        raise AlgorithmError(f"wise: layer {layer} has no MLP output projection {spec.mlp_out.format(layer)!r}") from exc
+    return module, module.weight, spec.out_transposed
+
+
+# ----------------------------------------------------------------------------------------------
+# training one batch of edits
+
+
+def _rows(tok: Any, requests: Sequence[EditRequest], templates: Sequence[str], irrelevant: Sequence[str],
+          device: torch.device) -> tuple[TargetBatch, torch.Tensor, torch.Tensor, int]:
+    """One right-padded batch: template rows of every request, then the irrelevant rows.
+
+    Returns:
+        (batch, decide [B, L] bool: positions predicting a target token (template rows) or any real
+        token (irrelevant rows), owner [n_template_rows]: the request of each template row,
+        n_template_rows).
+    """
+    pairs = [(fill_template(t, r.rewrite_prompt), r.target_new) for r in requests for t in templates]
+    owner = torch.tensor([i for i in range(len(requests)) for _ in templates])
+    items = encode_pairs(tok, pairs)
+    irr_ids = [list(ids) for ids in tok(list(irrelevant))["input_ids"]]
+    seqs = [list(it.ids) for it in items] + irr_ids
+    ids, attn = pad_batch(seqs, pad_id(tok))
+    labels, _ = pad_batch([[0] * len(it.prompt_ids) + [1] * len(it.target_ids) for it in items]
+                          + [[0] * len(s) for s in irr_ids], 0, width=ids.shape[1])
+    labels = labels.bool()
+    decide = torch.zeros_like(labels)
+    decide[:, :-1] = labels[:, 1:]
+    decide[len(items):] = attn[len(items):].bool()
+    batch = TargetBatch(ids.to(device), attn.to(device), labels.to(device))
+    return batch, decide.to(device), owner.to(device), len(items)
+
+
+def _mean_violation(x: torch.Tensor) -> torch.Tensor:
+    """Mean of the positive entries of ``x`` (0 when none): the reference's hinge averaging."""
+    pos = x[x > 0]
+    return pos.mean() if pos.numel() else x.new_zeros(())
+
+
+def margin_loss(run_mean: torch.Tensor, decide: torch.Tensor, n_edit: int, alpha: float, beta: float,
+                gamma: float) -> torch.Tensor:
+    """The paper's routing margins on running-mean scores [B, L] (edit rows first, ``n_edit`` of them)."""
+    s_edit = run_mean[:n_edit][decide[:n_edit]]
+    s_irr = run_mean[n_edit:][decide[n_edit:]]
+    loss = _mean_violation(beta - s_edit)
+    if s_irr.numel():
+        loss = loss + _mean_violation(s_irr - alpha) + _mean_violation(gamma - (s_edit - s_irr.max()))
+    return loss
+
+
+class UpperForward:
+    """The logits of a fixed batch computed from block ``layer`` up: the blocks below do not depend on
+    the side memory, so their output is computed once (``docs/algorithms/wise.md``, cost).
+
+    The first call is checked against the whole model's forward; where they differ (an architecture
+    whose blocks need more than the hidden states and the keyword arguments every block gets), every
+    call runs the whole model instead.
+    """
+
+    def __init__(self, model: nn.Module, batch: TargetBatch, layer: int) -> None:
+        spec = model_spec(model)
+        self.model, self.batch = model, batch
+        self.blocks = [get_module(model, spec.layer.format(i)) for i in range(layer, num_layers(model))]
+        self.head = logit_head(model, spec)
+        seen: list[tuple[tuple, dict[str, Any]]] = []
+
+        def grab(_m: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            seen.append((args, kwargs))
+            raise StopForward
+
+        with torch.no_grad(), Hooks() as hooks:
+            hooks.input(self.blocks[0], grab)
+            run_to_stop(model, **self._inputs())
+        self.args, self.kwargs = seen[0] if seen else ((), {})
+        self.checked = self.fast = bool(seen)
+
+    def _inputs(self) -> dict[str, Any]:
+        return dict(input_ids=self.batch.input_ids, attention_mask=self.batch.attention_mask, use_cache=False)
+
+    def __call__(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """The logits at positions ``(rows[k], cols[k])`` only ([K, vocab]): the unembedding of every
+        position would cost more than the blocks above a late layer."""
+        if not self.fast:
+            return self.model(**self._inputs()).logits[rows, cols]
+        h = self.args[0]
+        for block in self.blocks:
+            h = hidden_of(block(h, *self.args[1:], **self.kwargs))
+        logits = self.head(h[rows, cols])
+        if self.checked:
+            self.checked = False
+            with torch.no_grad():
+                full = self.model(**self._inputs()).logits[rows, cols]
+            if not torch.allclose(logits.detach(), full, rtol=1e-4, atol=1e-4):
+                log.warning("wise: the forward from block %d differs from the whole model's (max %.3g); "
+                            "running the whole model each step", len(self.blocks),
+                            float((logits.detach() - full).abs().max()))
+                self.fast = False
+                return self.model(**self._inputs()).logits[rows, cols]
+        return logits
+
+
+def target_positions_nll(logits: torch.Tensor, batch: TargetBatch, rows: torch.Tensor,
+                         cols: torch.Tensor) -> torch.Tensor:
+    """``batches.target_nll`` averaged over the rows, from the logits at the positions that predict
+    target tokens only (``rows``, ``cols``: those positions; the gold token is the next one)."""
+    logp = torch.log_softmax(logits.to(torch.float32), dim=-1)
+    tok_nll = -logp.gather(-1, batch.input_ids[rows, cols + 1].unsqueeze(-1)).squeeze(-1)
+    n_rows = batch.input_ids.shape[0]
+    total = torch.zeros(n_rows, device=logits.device).index_add(0, rows, tok_nll)
+    count = torch.zeros(n_rows, device=logits.device).index_add(0, rows, torch.ones_like(tok_nll))
+    return (total / count).mean()
+
+
+def train_shard(model: nn.Module, tok: Any, hook: WiseHook, module: nn.Module, memory: Memory, mask: torch.Tensor,
+                requests: Sequence[EditRequest], templates: Sequence[str], irrelevant: Sequence[str],
+                hp: Any) -> dict[str, float]:
+    """Train ``memory.delta`` on ``requests`` (out of place) and update its edits and ``min_score``.
+
+    ``hp`` is the algorithm's ``wise.WiseHparams`` (not imported here: wise.py imports this module).
+
+    Returns:
+        Losses and scores for the report (``loss_first``, ``loss_final``, ``nll_final``, ``steps``,
+        ``edit_score_min``, ``irrelevant_score_max``).
+
+    Raises:
+        AlgorithmError: a non-finite loss.
+    """
+    device = memory.delta.device
+    batch, decide, owner, n_edit = _rows(tok, requests, templates, irrelevant, device)
+    edit = TargetBatch(batch.input_ids[:n_edit], batch.attention_mask[:n_edit], batch.label_mask[:n_edit])
+    delta = memory.delta.clone().requires_grad_(True)
+    mask = mask.to(device)
+    losses: list[float] = []
+    nll = torch.zeros(())
+    with Hooks() as hooks, trainable(model, []), torch.enable_grad():
+        hooks.output(module, hook)
+        hook.training = delta
+        try:
+            forward = UpperForward(model, batch, hp.layer)
+            rows, cols = decide[:n_edit].nonzero(as_tuple=True)
+            for _ in range(hp.num_steps):
+                nll = target_positions_nll(forward(rows, cols), edit, rows, cols)
+                loss = nll + margin_loss(running_mean(hook.scores), decide, n_edit, hp.alpha, hp.beta, hp.gamma)
+                losses.append(float(loss.detach()))
+                if not math.isfinite(losses[-1]):
+                    raise AlgorithmError(f"wise: non-finite loss at step {len(losses) - 1}")
+                if losses[-1] < hp.early_stop_loss:
+                    break
+                (grad,) = torch.autograd.grad(loss, [delta])
+                with torch.no_grad():
+                    delta -= hp.lr * grad * mask
+                    if hp.norm_constraint is not None:
+                        delta.clamp_(-hp.norm_constraint, hp.norm_constraint)
+            with torch.no_grad():
+                forward(rows[:1], cols[:1])
+                run_mean = running_mean(hook.scores)
+        finally:
+            hook.training, hook.scores = None, None
+    at = torch.where(decide[:n_edit], run_mean[:n_edit], torch.full_like(run_mean[:n_edit], torch.inf)).amin(1)
+    per_request = torch.full((len(requests),), torch.inf, device=device).scatter_reduce(0, owner, at, "amin")
+    irr = run_mean[n_edit:][decide[n_edit:]]
+    memory.delta = delta.detach()
+    memory.edits += len(requests)
+    memory.min_score = min(memory.min_score, float(per_request.min()))
+    return {"loss_first": losses[0], "loss_final": losses[-1], "nll_final": float(nll.detach()),
+            "steps": float(len(losses)), "edit_score_min": float(per_request.min()),
+            "irrelevant_score_max": float(irr.max()) if irr.numel() else 0.0, "fast_forward": float(forward.fast)}
