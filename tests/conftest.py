@@ -78,6 +78,8 @@ def tiny_hparams(name: str, tmp_path: Path) -> dict | None:
         "rome": {"layer": 1, "templates": {"length_params": [[3, 2]]}, **located},
         "memit": spread,
         "alphaedit": spread,
+        "kn": {"steps": 4, "batch_size": 2, "templates": {"length_params": [[3, 2]]}},
+        "ultraedit": {"layers": [0, 1], "lr": 1e-2},
     }.get(name)
 
 
