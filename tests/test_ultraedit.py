@@ -9,7 +9,7 @@ from torch import nn
 
 from harness import EditRequest, Editor, create_algorithm
 from harness.algorithms.base import AlgorithmError
-from harness.algorithms.ultraedit import EPS, RunningStats, UltraEdit
+from harness.algorithms.ultraedit import EPS, RunningStats, UltraEdit, ridge_map
 from harness.models import tiny_model
 
 REQS = [EditRequest(case_id="1", prompt="The mother tongue of {} is", subject="Danielle Darrieux",
@@ -42,6 +42,15 @@ def test_closed_form_maps_keys_to_pseudo_values():
     z = algo._stats_for(module).standardise(torch.cat([keys, grads], 1).double())
     values = -1e-3 * (z[:, :32] ** 2).sum(1, keepdim=True) * z[:, 32:]
     assert torch.allclose(keys.double() @ delta.T, values, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("tokens", [5, 40])
+def test_ridge_map_small_and_large_forms_agree(tokens):
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(tokens, 20, generator=g, dtype=torch.float64)
+    values = torch.randn(tokens, 4, generator=g, dtype=torch.float64)
+    direct = torch.linalg.solve(keys.T @ keys + 0.5 * torch.eye(20, dtype=torch.float64), keys.T @ values)
+    assert torch.allclose(ridge_map(keys, values, 0.5), direct, atol=1e-10)
 
 
 def _target_nll(model, tok, req: EditRequest) -> float:

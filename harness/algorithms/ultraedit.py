@@ -62,10 +62,11 @@ class UltraEditHparams:
     """UltraEdit; defaults are SmolLM2-135M's (evidence in conf/algorithm/ultraedit.yaml).
 
     Attributes:
-        layers: layers whose ``modules`` are edited.
-        modules: the edited linear modules per layer: a ``ModelSpec`` field name (``mlp_out``, the
-            MLP output projection) or a module-path template with ``{}`` for the layer
-            (``model.layers.{}.mlp.up_proj``).
+        layers: layers whose templated ``modules`` are edited.
+        modules: the edited linear modules: a ``ModelSpec`` field name (``mlp_out``, the MLP output
+            projection) or a module-path template with ``{}`` (``model.layers.{}.mlp.up_proj``),
+            each taken at every one of ``layers``; or a full module path without ``{}``
+            (``model.layers.11.mlp.gate_proj``), taken as it is.
         lr: the step size of the pseudo-values ``v = −lr ‖k̂‖² ĝ``.
         ridge: the ridge of the closed-form solve ``(KᵀK + ridge·I)`` (the reference: 1).
         token: where keys and gradients are read: ``mask`` (every token of prompt + target, the
@@ -80,7 +81,7 @@ class UltraEditHparams:
 
     def __post_init__(self) -> None:
         self.layers = [int(x) for x in self.layers]
-        if not self.layers or min(self.layers) < 0 or len(set(self.layers)) != len(self.layers):
+        if (self.layers and min(self.layers) < 0) or len(set(self.layers)) != len(self.layers):
             raise ValueError(f"layers must be distinct non-negative layer indices, got {self.layers}")
         if not self.modules:
             raise ValueError("modules must name at least one module")
@@ -206,14 +207,17 @@ class UltraEdit(EditAlgorithm):
             raise ValueError(f"{self.name}: hparam layers={self.hparams.layers} includes {bad}; "
                              f"the model has layers 0..{n - 1}")
         out = []
-        for template in self.hparams.modules:
-            template = _template(spec, template)
-            for layer in self.hparams.layers:
-                path = template.format(layer)
-                module = get_module(model, path)
-                if getattr(module, "weight", None) is None or module.weight.dim() != 2:
-                    raise ValueError(f"{self.name}: module {path!r} (hparam modules) has no 2-D weight")
-                out.append(path)
+        for entry in self.hparams.modules:
+            template = _template(spec, entry)
+            out += [template.format(layer) for layer in self.hparams.layers] if "{}" in template else [template]
+        out = list(dict.fromkeys(out))
+        if not out:
+            raise ValueError(f"{self.name}: hparams modules={self.hparams.modules} with layers={self.hparams.layers} "
+                             "name no module")
+        for path in out:
+            module = get_module(model, path)
+            if getattr(module, "weight", None) is None or module.weight.dim() != 2:
+                raise ValueError(f"{self.name}: module {path!r} (hparam modules) has no 2-D weight")
         return out
 
     def _stats_for(self, module: nn.Module) -> RunningStats:
@@ -276,22 +280,34 @@ class UltraEdit(EditAlgorithm):
         z = self._stats_for(module).standardise(torch.cat([keys, grads], dim=1).to(torch.float64))
         k_hat, g_hat = z[:, :d_in], z[:, d_in:]
         values = -self.hparams.lr * (k_hat * k_hat).sum(1, keepdim=True) * g_hat  # [T, d_out]
-        k = keys.to(torch.float64)
-        gram = k.T @ k + self.hparams.ridge * torch.eye(d_in, dtype=torch.float64)
-        shift = torch.linalg.solve(gram, k.T @ values)  # [d_in, d_out]: maps keys to pseudo-values
+        shift = ridge_map(keys.to(torch.float64), values, self.hparams.ridge)  # [d_in, d_out]
         weight = module.weight
         shift = shift.T if weight.shape == (shift.shape[1], shift.shape[0]) and isinstance(module, nn.Linear) else shift
         return shift.contiguous().to(weight.device)
 
 
+def ridge_map(keys: torch.Tensor, values: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``(KᵀK + ridge·I)⁻¹ KᵀV`` [d_in, d_out], the ridge map from keys [T, d_in] to values [T, d_out].
+
+    With fewer tokens than key dimensions (the usual case) the same matrix is computed as
+    ``Kᵀ (KKᵀ + ridge·I)⁻¹ V`` (the push-through identity), a T×T solve instead of a d_in×d_in one.
+    """
+    t, d_in = keys.shape
+    if t < d_in:
+        gram = keys @ keys.T + ridge * torch.eye(t, dtype=keys.dtype)
+        return keys.T @ torch.linalg.solve(gram, values)
+    gram = keys.T @ keys + ridge * torch.eye(d_in, dtype=keys.dtype)
+    return torch.linalg.solve(gram, keys.T @ values)
+
+
 def _template(spec: ModelSpec, name: str) -> str:
-    """A module-path template from a ``ModelSpec`` field name or a template with ``{}``."""
-    if "{}" in name:
+    """A module path or path template from a ``ModelSpec`` field name, a template with ``{}`` or a path."""
+    if "{}" in name or "." in name:
         return name
     value = getattr(spec, name, None)
     if not isinstance(value, str) or "{}" not in value:
         raise ValueError(f"ultraedit: hparam modules entry {name!r} is neither a ModelSpec module field "
-                         "(mlp_out, mlp, ...) nor a module path template with '{}'")
+                         "(mlp_out, mlp, ...) nor a module path (template)")
     return value
 
 
