@@ -75,7 +75,7 @@ class UltraEditHparams:
 
     layers: list[int] = field(default_factory=_default_layers)
     modules: list[str] = field(default_factory=_default_modules)
-    lr: float = 1e-4
+    lr: float = 3e-4
     ridge: float = 1.0
     token: str = "mask"
 
