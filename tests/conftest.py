@@ -82,6 +82,8 @@ def tiny_hparams(name: str, tmp_path: Path) -> dict | None:
         "ike": {"k": 2},
         "wise": {"layer": 1, "num_steps": 3, "lr": 50.0, "alpha": 0.5, "beta": 2.0, "gamma": 1.0,
                  "templates": {"length_params": [[3, 1]]}},
+        "kn": {"steps": 4, "batch_size": 2, "templates": {"length_params": [[3, 2]]}},
+        "ultraedit": {"layers": [0, 1], "lr": 1e-2},
     }.get(name)
 
 
