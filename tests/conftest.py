@@ -78,6 +78,8 @@ def tiny_hparams(name: str, tmp_path: Path) -> dict | None:
         "rome": {"layer": 1, "templates": {"length_params": [[3, 2]]}, **located},
         "memit": spread,
         "alphaedit": spread,
+        "emmet": spread,
+        "pmet": spread,
     }.get(name)
 
 

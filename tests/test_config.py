@@ -241,6 +241,14 @@ ANCHORS = {
     ("llama_local", "ft"): {"layers": [21], "num_steps": 25, "batch_size": 1, "lr": 5e-4, "weight_decay": 0.0,
                             "norm_constraint": None, "include_bias": False},
 }
+ANCHORS[("gpt2_local", "emmet")] = {"layers": [17], "mom2_update_weight": 1000.0, "emmet_lambda": 0.1,
+                                    "update_norm_lambda": 0.0, "target.num_grad_steps": 20, "target.lr": 0.5,
+                                    "target.weight_decay": 0.5, "target.clamp_norm_factor": 0.75,
+                                    "target.kl_factor": 0.0625}
+ANCHORS[("llama_local", "emmet")] = {"layers": [5], "mom2_update_weight": 1.0, "emmet_lambda": 0.1,
+                                     "update_norm_lambda": 0.0, "target.num_grad_steps": 25, "target.lr": 0.5,
+                                     "target.weight_decay": 1e-3, "target.clamp_norm_factor": 4.0,
+                                     "target.kl_factor": 0.0625}
 ANCHORS[("gpt2_local", "ft_m")] = ANCHORS[("gpt2_local", "ft")]
 ANCHORS[("llama_local", "ft_m")] = ANCHORS[("llama_local", "ft")]
 

@@ -15,7 +15,7 @@ from harness.algorithms.base import (
 from harness.algorithms.hparams import make_hparams
 
 # Built-in modules register themselves on import.
-_BUILTIN = ("none", "direct", "finetune", "lora", "rome", "memit", "alphaedit")
+_BUILTIN = ("none", "direct", "finetune", "lora", "rome", "memit", "alphaedit", "emmet", "pmet")
 for _mod in _BUILTIN:
     importlib.import_module(f"harness.algorithms.{_mod}")
 
