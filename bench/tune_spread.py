@@ -57,13 +57,14 @@ def main() -> None:
     probes = build_probes()
     pre = probes.measure(model, tok, reqs)
     t0 = time.perf_counter()
-    algo.prepare(model, tok)
     z, losses = algo._optimize_z(model, tok, model_spec(model), reqs, algo._context_templates(model, tok))
     t_z = time.perf_counter() - t0
+    algo.prepare(model, tok)  # C after the targets: a run elsewhere may have cached it meanwhile
+    z_info = dict(getattr(algo, "_z_info", {}))  # PMET: the mean norms of δ_attn and δ_mlp
     algo._optimize_z = lambda *a, **k: (z, losses)  # the same targets for every value
     print(f"{args.algorithm}: {len(reqs)} records of {args.data or 'the shipped sample'}; layers {layers}; {changes}; "
           f"targets in {t_z:.0f}s ({t_z / len(reqs):.1f}s per request), loss {losses['z_loss_start']:.2f} -> "
-          f"{losses['z_loss_end']:.3f}")
+          f"{losses['z_loss_end']:.3f} {z_info or ''}")
     base = summarize(pre.metrics)
     print(f"{args.param:>12} {'ES':>6} {'PS':>6} {'NS':>6} {'S':>6} {'rw_acc':>7} {'rph_acc':>7} {'loc_acc':>7} "
           f"{'gap end/start':>14}")
