@@ -84,6 +84,8 @@ def tiny_hparams(name: str, tmp_path: Path) -> dict | None:
                  "templates": {"length_params": [[3, 1]]}},
         "kn": {"steps": 4, "batch_size": 2, "templates": {"length_params": [[3, 2]]}},
         "ultraedit": {"layers": [0, 1], "lr": 1e-2},
+        "emmet": spread,
+        "pmet": spread,
     }.get(name)
 
 

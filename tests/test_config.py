@@ -247,6 +247,14 @@ ANCHORS[("llama_local", "wise")] = {"layer": 29, "num_steps": 30, "lr": 0.9, "al
                                     "act_ratio": 0.5, "mask_ratio": 0.2, "norm_constraint": 1.0, "shard_size": 500,
                                     "merge_every": 1000, "merge_density": 0.53, "retrieve": True,
                                     "templates.length_params": [[5, 5], [10, 5]]}
+ANCHORS[("gpt2_local", "emmet")] = {"layers": [17], "mom2_update_weight": 1000.0, "emmet_lambda": 0.1,
+                                    "update_norm_lambda": 0.0, "target.num_grad_steps": 20, "target.lr": 0.5,
+                                    "target.weight_decay": 0.5, "target.clamp_norm_factor": 0.75,
+                                    "target.kl_factor": 0.0625}
+ANCHORS[("llama_local", "emmet")] = {"layers": [5], "mom2_update_weight": 1.0, "emmet_lambda": 0.1,
+                                     "update_norm_lambda": 0.0, "target.num_grad_steps": 25, "target.lr": 0.5,
+                                     "target.weight_decay": 1e-3, "target.clamp_norm_factor": 4.0,
+                                     "target.kl_factor": 0.0625}
 ANCHORS[("gpt2_local", "ft_m")] = ANCHORS[("gpt2_local", "ft")]
 ANCHORS[("llama_local", "ft_m")] = ANCHORS[("llama_local", "ft")]
 

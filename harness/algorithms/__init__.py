@@ -15,7 +15,8 @@ from harness.algorithms.base import (
 from harness.algorithms.hparams import make_hparams
 
 # Built-in modules register themselves on import.
-_BUILTIN = ("none", "direct", "finetune", "lora", "rome", "memit", "alphaedit", "grace", "ike", "wise", "kn", "ultraedit")
+_BUILTIN = ("none", "direct", "finetune", "lora", "rome", "memit", "alphaedit", "emmet", "pmet", "grace",
+            "ike", "wise", "kn", "ultraedit")
 for _mod in _BUILTIN:
     importlib.import_module(f"harness.algorithms.{_mod}")
 

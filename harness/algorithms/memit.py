@@ -27,7 +27,8 @@ first use (in the runner's flows: the unedited model) and kept in the instance (
 run that resumes from a checkpoint must call ``prepare(model, tok)`` on the base model before
 ``Editor.load_checkpoint``; otherwise they would come from the edited model.
 
-``AlphaEdit`` (alphaedit.py) subclasses ``Memit`` and replaces the per-layer solve.
+``AlphaEdit`` (alphaedit.py) and ``Emmet`` (emmet.py) subclass ``Memit`` and replace the per-layer solve;
+``Pmet`` (pmet.py) also replaces the targets, what they are compared with, and the share per layer.
 """
 from __future__ import annotations
 
@@ -122,6 +123,19 @@ class MemitHparams(SpreadHparams):
 
 
 @torch.no_grad()
+def outputs_at_subject(model: nn.Module, tok: Any, module: str, requests: Sequence[EditRequest]) -> torch.Tensor:
+    """The output of ``module`` (a full module name) at the subject's last token of each bare rewrite prompt.
+
+    Returns:
+        [d, n] float32 on the model's device.
+    """
+    idx = [subject_last_index(tok, r.prompt, r.subject) for r in requests]
+    enc = encode_right_padded(tok, [r.rewrite_prompt for r in requests], model_device(model))
+    hidden = module_output(model, get_module(model, module), **enc, use_cache=False)
+    rows = torch.arange(len(idx), device=hidden.device)
+    return hidden[rows, torch.tensor(idx, device=hidden.device)].float().T
+
+
 def block_outputs(model: nn.Module, tok: Any, spec: ModelSpec, layer: int,
                   requests: Sequence[EditRequest]) -> torch.Tensor:
     """H: the block-``layer`` output at the subject's last token of each bare rewrite prompt.
@@ -129,11 +143,7 @@ def block_outputs(model: nn.Module, tok: Any, spec: ModelSpec, layer: int,
     Returns:
         [d, n] float32 on the model's device.
     """
-    idx = [subject_last_index(tok, r.prompt, r.subject) for r in requests]
-    enc = encode_right_padded(tok, [r.rewrite_prompt for r in requests], model_device(model))
-    hidden = module_output(model, get_module(model, spec.layer.format(layer)), **enc, use_cache=False)
-    rows = torch.arange(len(idx), device=hidden.device)
-    return hidden[rows, torch.tensor(idx, device=hidden.device)].float().T
+    return outputs_at_subject(model, tok, spec.layer.format(layer), requests)
 
 
 @register("memit")
@@ -186,12 +196,11 @@ class Memit(EditAlgorithm):
 
         t = time.perf_counter()
         norms: dict[str, float] = {}
-        last = hp.layers[-1]
         for i, layer in enumerate(hp.layers):
             keys = compute_keys(model, tok, spec, layer, requests, templates).T  # [d_ff, n]
-            err = z - block_outputs(model, tok, spec, last, requests)  # [d, n]
+            err = z - self._current(model, tok, spec, requests)  # [d, n]
             info[f"z_error.{layer}"] = float(err.norm())
-            resid = err / (len(hp.layers) - i)
+            resid = self._share(err, len(hp.layers) - i)
             delta = self._layer_delta(model, tok, spec, layer, keys, resid)
             name = spec.mlp_out_weight(layer)
             w_old = as_map(params[name], spec.out_transposed)
@@ -203,7 +212,7 @@ class Memit(EditAlgorithm):
             log.info("%s layer %d: |Z-H| %.4g, |delta| %.4g written (%.4g intended), residual %.3g (unrounded %.3g)",
                      self.name, layer, info[f"z_error.{layer}"], norms[name], info[f"intended_norm.{name}"],
                      info[f"residual.{layer}"], info[f"residual_unrounded.{layer}"])
-        info["z_error.final"] = float((z - block_outputs(model, tok, spec, last, requests)).norm())
+        info["z_error.final"] = float((z - self._current(model, tok, spec, requests)).norm())
         info["t_layers"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -211,7 +220,16 @@ class Memit(EditAlgorithm):
         info["t_after"] = time.perf_counter() - t
         return EditReport(seconds=time.perf_counter() - t_start, losses=losses, delta_norms=norms, info=info)
 
-    # -- pieces AlphaEdit reuses or overrides ----------------------------------------------------
+    # -- pieces AlphaEdit, EMMET and PMET reuse or override ---------------------------------------
+    def _current(self, model: nn.Module, tok: Any, spec: ModelSpec, requests: Sequence[EditRequest]) -> torch.Tensor:
+        """H [d, n]: what the targets Z are compared with on the current model (block output at the last layer)."""
+        return block_outputs(model, tok, spec, self.hparams.layers[-1], requests)
+
+    @staticmethod
+    def _share(err: torch.Tensor, layers_left: int) -> torch.Tensor:
+        """R_i: the part of the gap ``err`` [d, n] this layer takes when ``layers_left`` layers remain (it included)."""
+        return err / layers_left
+
     def _layer_delta(self, model: nn.Module, tok: Any, spec: ModelSpec, layer: int, keys: torch.Tensor,
                      resid: torch.Tensor) -> torch.Tensor:
         """Δ_i [d, d_ff] float64 for one layer: MEMIT's solve against λC_i."""

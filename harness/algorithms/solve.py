@@ -1,4 +1,4 @@
-"""The closed-form weight solves of MEMIT and AlphaEdit, as pure functions on tensors.
+"""The closed-form weight solves of MEMIT, EMMET and AlphaEdit, as pure functions on tensors.
 
 Notation follows docs/algorithms/memit.md and docs/algorithms/alphaedit.md: the edited map is
 ``v = W k`` with ``W`` of shape [d, d_ff]; ``K`` [d_ff, n] holds one key per column, ``R`` [d, n]
@@ -7,6 +7,9 @@ E[k kᵀ] of preserved keys.
 
 * MEMIT (Meng et al. 2023, "Mass-Editing Memory in a Transformer"):
   ``Δ = R Kᵀ (λC + K Kᵀ)⁻¹``, the minimiser of ``‖ΔK − R‖² + λ tr(Δ C Δᵀ)``.
+* EMMET (Gupta et al. 2024, "A Unified Framework for Model Editing"): the equality-constrained
+  batch form of ROME, the minimiser of ``tr(Δ A Δᵀ)`` subject to ``Δ K = R`` with ``A = aC + μI``:
+  ``Δ = R (Kᵀ A⁻¹ K + λI)⁻¹ Kᵀ A⁻¹`` (λ only for n > 1, to keep the n×n system well conditioned).
 * AlphaEdit (Fang et al. 2025, "AlphaEdit: Null-Space Constrained Knowledge Editing"):
   ``Δ = Xᵀ`` with ``X = [P (K Kᵀ + C_p) + αI]⁻¹ P K Rᵀ``, where ``P`` projects onto the
   (near-)null space of C, so ``Δ k0 ≈ 0`` for preserved keys ``k0``.
@@ -83,6 +86,52 @@ def memit_delta(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, lam:
     a = lam * cov.to(device=k.device, dtype=_F64) + k @ k.T
     x = solve_spd(a, k)  # [d_ff, n] = (λC + KKᵀ)⁻¹ K
     return resid.to(device=k.device, dtype=_F64) @ x.T
+
+
+def emmet_delta(keys: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor, cov_weight: float = 1.0,
+                emmet_lambda: float = 0.1, ridge: float = 0.0) -> torch.Tensor:
+    """EMMET's update ``Δ = R (Kᵀ A⁻¹ K + λI)⁻¹ Kᵀ A⁻¹`` with ``A = aC + μI``, in float64.
+
+    With λ = 0 this is the smallest change in the ``A`` norm (``tr(Δ A Δᵀ)``) that satisfies the
+    equality constraints ``Δ K = R`` exactly; for one key it is ROME's closed form
+    ``r (A⁻¹k)ᵀ / (kᵀA⁻¹k)``. λ > 0 (applied only when n > 1, as the reference does) trades exactness
+    at the edited keys for a well-conditioned n×n system when keys are nearly collinear. Since
+    ``(Kᵀ(aC)⁻¹K + λI)⁻¹ Kᵀ(aC)⁻¹ = (KᵀC⁻¹K + aλI)⁻¹ KᵀC⁻¹``, ``a`` only rescales λ when μ = 0.
+
+    Computed without an explicit inverse: ``X = A⁻¹K`` (``solve_spd``), ``D = KᵀX + λI``,
+    ``Δ = R (D⁻¹ Xᵀ)`` (``solve_spd`` again).
+
+    Args:
+        keys: K, [d_ff, n].
+        resid: R, [d, n].
+        cov: C, [d_ff, d_ff], symmetric positive definite (or made so by μ).
+        cov_weight: a > 0 (the reference's ``mom2_update_weight``).
+        emmet_lambda: λ >= 0 (the reference's ``emmet_lambda``).
+        ridge: μ >= 0 (the reference's ``update_norm_lambda``).
+
+    Returns:
+        Δ: [d, d_ff] float64, on the device of ``keys``.
+
+    Raises:
+        ValueError: mismatched shapes, a <= 0, or a negative λ or μ.
+    """
+    _check_2d("keys", keys)
+    d_ff, n = keys.shape
+    _check_2d("resid", resid, cols=n)
+    _check_2d("cov", cov, rows=d_ff, cols=d_ff)
+    if not cov_weight > 0:
+        raise ValueError(f"a (mom2_update_weight) must be > 0, got {cov_weight}")
+    if emmet_lambda < 0 or ridge < 0:
+        raise ValueError(f"λ (emmet_lambda) and μ (update_norm_lambda) must be >= 0, got {emmet_lambda}, {ridge}")
+    k = keys.to(_F64)
+    a = cov_weight * cov.to(device=k.device, dtype=_F64)
+    if ridge:
+        a = a + ridge * torch.eye(d_ff, dtype=_F64, device=k.device)
+    x = solve_spd(a, k)  # [d_ff, n] = A⁻¹ K
+    d = k.T @ x  # [n, n] = Kᵀ A⁻¹ K
+    if n > 1 and emmet_lambda:
+        d = d + emmet_lambda * torch.eye(n, dtype=_F64, device=k.device)
+    return resid.to(device=k.device, dtype=_F64) @ solve_spd(d, x.T)
 
 
 def nullspace_projector(cov: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:
