@@ -82,6 +82,16 @@ def _clone_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in state.items()}
 
 
+def _hold_state(algorithm: EditAlgorithm) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """The algorithm's state as it is now, for a rollback: clones, or, for an algorithm that
+    replaces its state rather than writing into it (``state_replaced``), the tensors themselves
+    and their version counters (no copy of state that can be gigabytes at 7B widths)."""
+    state = algorithm.state_dict()
+    if not algorithm.state_replaced:
+        return _clone_state(state), {}
+    return dict(state), {k: v._version for k, v in state.items()}
+
+
 class Editor:
     """Applies an edit algorithm to a model under exact snapshot/restore.
 
@@ -184,7 +194,7 @@ class Editor:
 
         targets = self.declared_targets(batch)
         self.weights_copy = WeightsCopy.take(self.model, targets, offload=self.offload_snapshot)
-        state_before = _clone_state(self.algorithm.state_dict())
+        state_before, versions = _hold_state(self.algorithm)
         ok = False
         report, post = EditReport(), None
         try:
@@ -200,7 +210,7 @@ class Editor:
             t = time.perf_counter()
             rolling_back = self.keep_original_weight or not ok
             if rolling_back:
-                self._put_back(self.weights_copy, state_before)
+                self._put_back(self.weights_copy, state_before, versions)
             else:
                 self._keep(targets)
             timings["restore"] = time.perf_counter() - t
@@ -212,8 +222,12 @@ class Editor:
         return EditOutcome(batch, tuple(sorted(targets)), report, pre, post, timings, self.weights_copy.nbytes)
 
     # ------------------------------------------------------------------------------------------
-    def _put_back(self, snap: WeightsCopy, state: dict[str, torch.Tensor]) -> None:
+    def _put_back(self, snap: WeightsCopy, state: dict[str, torch.Tensor], versions: dict[str, int]) -> None:
         snap.restore(self.model)
+        written = sorted(k for k, v in versions.items() if state[k]._version != v)
+        if written:
+            raise RestoreError(f"{self.algorithm.name} declares state_replaced but wrote into its state "
+                               f"{written} in place; the state before the edit is lost")
         self.algorithm.load_state_dict(state)
         bad = snap.mismatches(self.model)
         if bad:
