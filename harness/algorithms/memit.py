@@ -188,12 +188,13 @@ class Memit(EditAlgorithm):
         norms: dict[str, float] = {}
         last = hp.layers[-1]
         for i, layer in enumerate(hp.layers):
-            keys = compute_keys(model, tok, spec, layer, requests, templates).T  # [d_ff, n]
-            err = z - block_outputs(model, tok, spec, last, requests)  # [d, n]
+            name = spec.mlp_out_weight(layer)
+            dev = params[name].device  # a model spread over devices: solve where the weight is
+            keys = compute_keys(model, tok, spec, layer, requests, templates).T.to(dev)  # [d_ff, n]
+            err = z.to(dev) - block_outputs(model, tok, spec, last, requests).to(dev)  # [d, n]
             info[f"z_error.{layer}"] = float(err.norm())
             resid = err / (len(hp.layers) - i)
             delta = self._layer_delta(model, tok, spec, layer, keys, resid)
-            name = spec.mlp_out_weight(layer)
             w_old = as_map(params[name], spec.out_transposed)
             written = write_deltas(model, {name: to_param_layout(delta, params[name], spec.out_transposed)}, declared)
             norms.update(written.norms)

@@ -219,7 +219,8 @@ class DeltaForward:
         hidden, self.hidden = self.hidden, None
         if hidden is None:
             raise RuntimeError("the forward pass never reached the loss block")
-        return self.head(hidden[v.read_rows, at.read_pos])
+        # the reads, and the logits back, on the rows' device (the loss block may sit on another)
+        return self.head(hidden[v.read_rows.to(hidden.device), at.read_pos.to(hidden.device)]).to(at.ids.device)
 
 
 @torch.no_grad()
@@ -232,7 +233,7 @@ def reference_pass(fwd: DeltaForward, b: PromptRows, full: Layout) -> tuple[torc
         fwd.attach(hooks)
         ref = fwd(select(b, full, torch.ones(n, dtype=torch.bool, device=b.ids.device)),
                   torch.zeros(n, 1, device=b.ids.device))
-    return ref, torch.stack([seen[0][r, b.sub[r]] for r in b.first_row]).float()
+    return ref, torch.stack([seen[0][r, b.sub[r]] for r in b.first_row]).float().to(b.ids.device)
 
 
 # ----------------------------------------------------------------------------------------------
