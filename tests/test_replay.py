@@ -98,3 +98,30 @@ def test_fresh_cache_shares_tensors_only_for_dynamic_layers():
 def test_block_replay_needs_blocks():
     with pytest.raises(ValueError, match="at least one block"):
         BlockReplay([])
+
+
+def test_replay_puts_back_a_forward_set_on_the_instance():
+    """accelerate's device hooks (a dispatched model) live in the block's own ``forward``
+    attribute: replay must leave them as they were, and results equal."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    model, tok = _tiny("llama")
+    spec = model_spec(model)
+    hp = TargetHparams(num_grad_steps=4, lr=0.5, weight_decay=1e-4, clamp_norm_factor=50)
+    plain = optimize_target(model, tok, spec, REQ, 2, hp, TPL, where="mlp", replay=False)
+    blocks = [get_module(model, spec.layer.format(i)) for i in range(2)]
+    for block in blocks:
+        add_hook_to_module(block, AlignDevicesHook(execution_device=torch.device("cpu")))
+    hooked = [block.__dict__["forward"] for block in blocks]
+    replayed = optimize_target(model, tok, spec, REQ, 2, hp, TPL, where="mlp", replay=True)
+    assert [block.__dict__["forward"] for block in blocks] == hooked
+    torch.testing.assert_close(replayed.delta, plain.delta, rtol=0, atol=1e-6)
+
+
+def test_a_dispatched_model_runs_end_to_end(tmp_path):
+    from harness.cli import compose_config, to_config
+    from harness.runner import ModelCache, run
+
+    ov = ["experiment=smoke", "threads=1", "data.limit=2", "model.device_map=auto"]
+    result = run(to_config(compose_config(ov)), tmp_path, ov, cache=ModelCache(), progress=False)
+    assert result.n_errors == 0 and result.n_cases == 2
