@@ -81,3 +81,17 @@ def test_split_model_edits_like_one_device(name, tmp_path):
     assert edits[True].keys() == edits[False].keys() and edits[True]
     for n, d in edits[False].items():
         assert float((edits[True][n] - d).norm() / d.norm()) < 1e-4, n
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: bench_gpu.py would run the benchmark")
+def test_gpu_benchmark_says_clearly_there_is_no_gpu():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(root / "bench" / "bench_gpu.py")], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 2 and "no CUDA device" in proc.stderr
