@@ -13,7 +13,9 @@ Transformer"). ``optimize_targets`` runs, and this module reads, in this order:
    cache, and each step runs only the suffixes through the model's own forward with that cache,
    explicit position ids and a [prefix | suffix] mask (batched generation's mechanism, so any
    architecture transformers can generate with works). Step 0 is checked against the reference
-   forward; a mismatch falls back to the whole rows.
+   forward; a mismatch falls back to the whole rows. After step 0 the blocks below the δ site are
+   not rerun: their recorded outputs are replayed (``replay.BlockReplay``), and each step gets the
+   prefix cache without a copy (``replay.fresh_cache``).
 4. ``run_loop``: Adam on a float32 δ (cast to the hidden dtype where ``DeltaForward`` adds it),
    ``target_loss`` = mean target NLL + ``kl_factor``·KL(P_δ‖P_0) at the KL read +
    ``weight_decay``·‖δ‖/‖v_init‖², early stop per request (stopped requests leave the batch),
