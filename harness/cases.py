@@ -10,6 +10,9 @@ metrics are then empty, never 0), the pre- and post-edit metrics, and what it co
 start with ``time_`` so that no metric prefix catches them; each holds the seconds of the call that
 handled the case, and ``batch_size`` / ``pre_batch_size`` say how many cases shared that call.
 ``time_prepare_s`` is the algorithm's one-off preparation, on the first row written after it.
+Memory columns (``harness.memory``) give the peak of the same call: ``mem_kind`` (``cuda``: the
+allocator's peak; ``rss``: the process's resident-set high-water mark during the call),
+``mem_peak_mb`` and ``mem_increase_mb`` (the peak less the memory at the call's start), in MiB.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ log = logging.getLogger(__name__)
 REQUEST_COLUMNS = ["subject", "prompt", "target_new", "target_true"]
 CASE_COLUMNS = ["case_id", *REQUEST_COLUMNS, "point", "step", "n_edits", "status", "error", "batch_size",
                 "pre_batch_size", "time_prepare_s", "time_pre_s", "time_edit_s", "time_probe_s", "time_restore_s",
-                "time_verify_s", "snapshot_bytes", "n_targets", "delta_norm", "outlier", "probe_versions"]
+                "time_verify_s", "mem_kind", "mem_peak_mb", "mem_increase_mb", "snapshot_bytes", "n_targets", "delta_norm", "outlier", "probe_versions"]
 CASE_KEY = ["case_id", "point", "step"]
 METRIC_DIGITS = 10  # significant digits written for metric values
 TIME_DECIMALS = 4  # seconds written to 0.1 ms

@@ -28,8 +28,8 @@ import yaml
 
 from harness.probes import METRICS
 from harness.cases import CASE_KEY
-from harness.results import (CASES, RETENTION, SUMMARY, format_table, metric_meta, read_frame, read_rows,
-                             seconds_per_edit, summarize_phases, write_frame)
+from harness.results import (CASES, RETENTION, SUMMARY, cost_summary, format_table, metric_meta, read_frame,
+                             read_rows, seconds_per_edit, summarize_phases, write_frame)
 from harness.runsetup import parse_overrides
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def collect_run(run_dir: Path, root: Path) -> list[dict[str, Any]]:
             "model": first.get("model"), "algorithm": first.get("algorithm"), **_overrides(run_dir),
             "complete": (run_dir / SUMMARY).exists(),
             "n_cases": len(edits), "n_errors": sum(r.get("status") != "ok" for r in edits),
-            "seconds_per_edit": seconds_per_edit(rows)}
+            "seconds_per_edit": seconds_per_edit(rows), **cost_summary(rows)}
     out = []
     for phase, table in summarize_phases(rows, metrics).items():
         for metric, st in table.items():

@@ -56,6 +56,9 @@ class ModelConfig:
             ``.pt``/``.pth``/``.bin`` pickle loaded weights-only; see ``harness.weights``).
         weights_strict: refuse a ``weights`` file with missing, unexpected or mis-shaped keys;
             false overlays the keys that fit and logs what it skipped.
+        device_map: spread the model over the visible accelerators with accelerate (``auto``,
+            ``balanced``, ``balanced_low_0``, ``sequential``: accelerate's strategies); None: the
+            whole model on ``device``. docs/scale.md.
     """
 
     source: str = MISSING
@@ -67,6 +70,15 @@ class ModelConfig:
     tiny: Optional[Dict[str, Any]] = None
     weights: Optional[str] = None
     weights_strict: bool = True
+    device_map: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.device_map not in DEVICE_MAPS:
+            raise ValueError(f"model.device_map must be one of {sorted(DEVICE_MAPS - {None})} or null, "
+                             f"got {self.device_map!r}")
+
+
+DEVICE_MAPS = {None, "auto", "balanced", "balanced_low_0", "sequential"}
 
 
 @dataclass

@@ -47,7 +47,7 @@ from harness.checkpointfiles import (CHECKPOINT_FORMAT, DELTA_FILE, MANIFEST_FIL
 from harness.fingerprints import fingerprint_hex
 from harness.models import num_layers
 from harness.probes.base import Measurement, ProbeSuite
-from harness.safefiles import (DELTA_FORMAT, STATE_FORMAT, CheckedFile, apply_delta, memory_path, read_checked,
+from harness.safefiles import (DELTA_FORMAT, STATE_FORMAT, apply_delta, memory_path, read_checked,
                                read_delta, read_memory, write_checked, write_delta, write_memory)
 from harness.signature import StateSignature
 from harness.snapshot import SnapshotError, WeightsCopy
@@ -88,6 +88,16 @@ class EditOutcome:
 
 def _clone_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in state.items()}
+
+
+def _hold_state(algorithm: EditAlgorithm) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """The algorithm's state as it is now, for a rollback: clones, or, for an algorithm that
+    replaces its state rather than writing into it (``state_replaced``), the tensors themselves
+    and their version counters (no copy of state that can be gigabytes at 7B widths)."""
+    state = algorithm.state_dict()
+    if not algorithm.state_replaced:
+        return _clone_state(state), {}
+    return dict(state), {k: v._version for k, v in state.items()}
 
 
 class Editor:
@@ -195,7 +205,7 @@ class Editor:
 
         targets = self.declared_targets(batch)
         self.weights_copy = WeightsCopy.take(self.model, targets, offload=self.offload_snapshot)
-        state_before = _clone_state(self.algorithm.state_dict())
+        state_before, versions = _hold_state(self.algorithm)
         memory_before = self.algorithm.memory_state().clone()
         ok = False
         report, post = EditReport(), None
@@ -213,7 +223,7 @@ class Editor:
             rolling_back = self.keep_original_weight or not ok
             self.algorithm.detach(self.model)
             if rolling_back:
-                self._put_back(self.weights_copy, state_before, memory_before)
+                self._put_back(self.weights_copy, state_before, versions, memory_before)
             else:
                 self._keep(targets)
             timings["restore"] = time.perf_counter() - t
@@ -227,8 +237,13 @@ class Editor:
         return EditOutcome(batch, tuple(sorted(targets)), report, pre, post, timings, self.weights_copy.nbytes)
 
     # ------------------------------------------------------------------------------------------
-    def _put_back(self, snap: WeightsCopy, state: dict[str, torch.Tensor], memory: MemoryState) -> None:
+    def _put_back(self, snap: WeightsCopy, state: dict[str, torch.Tensor], versions: dict[str, int],
+                  memory: MemoryState) -> None:
         snap.restore(self.model)
+        written = sorted(k for k, v in versions.items() if state[k]._version != v)
+        if written:
+            raise RestoreError(f"{self.algorithm.name} declares state_replaced but wrote into its state "
+                               f"{written} in place; the state before the edit is lost")
         self.algorithm.load_state_dict(state)
         self.algorithm.load_memory(memory)
         bad = snap.mismatches(self.model)

@@ -288,6 +288,7 @@ def load_model(
     tiny: dict[str, Any] | None = None,
     weights: str | Path | None = None,
     weights_strict: bool = True,
+    device_map: str | dict[str, Any] | None = None,
 ):
     """Load a causal LM and its tokenizer, in eval mode, gradients off.
 
@@ -302,6 +303,8 @@ def load_model(
             onto the loaded model (``harness.weights.overlay_file``), in the model's dtype.
         weights_strict: refuse a ``weights`` file whose keys or shapes do not match exactly;
             False overlays what fits and logs what it skipped.
+        device_map: spread the model over devices with accelerate (a strategy such as ``auto`` or
+            ``balanced``, or an explicit ``{module: device}`` map); ``device`` is then ignored.
 
     Returns:
         (model, tokenizer). The tokenizer pads on the right and has a pad token.
@@ -316,7 +319,8 @@ def load_model(
     dt = resolve_dtype(dtype, dev)
     if source == "tiny":
         model, tok = tiny_model(**(tiny or {}))
-        model = model.to(device=dev, dtype=dt)
+        model = model.to(dtype=dt)
+        model = _dispatch(model, device_map) if device_map is not None else model.to(dev)
     else:
         if source == "smollm2":
             path = smollm2_dir(cache_dir)
@@ -329,8 +333,9 @@ def load_model(
         else:
             kw = dict(local_files_only=True, trust_remote_code=trust_remote_code)
             tok = AutoTokenizer.from_pretrained(str(path), **kw)
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt, **kw)
-        model = model.to(dev)
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt, device_map=device_map, **kw)
+        if device_map is None:
+            model = model.to(dev)
     if weights:
         from harness.weights import overlay_file
 
@@ -353,7 +358,18 @@ def load_configured(model_cfg: Any, device: str | torch.device | None = "auto",
     m = model_cfg
     return load_model(m.source, device=device, dtype=dtype, cache_dir=m.cache_dir,
                       trust_remote_code=m.trust_remote_code, spec=m.spec, tiny=m.tiny,
-                      weights=m.weights, weights_strict=m.weights_strict)
+                      weights=m.weights, weights_strict=m.weights_strict, device_map=getattr(m, "device_map", None))
+
+
+def _dispatch(model: nn.Module, device_map: str | dict[str, Any]) -> nn.Module:
+    """``model`` spread over devices by accelerate (an in-process model: ``from_pretrained`` does
+    this itself for models read from disk)."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    if isinstance(device_map, str):
+        no_split = list(getattr(model, "_no_split_modules", None) or [])
+        device_map = infer_auto_device_map(model, no_split_module_classes=no_split)
+    return dispatch_model(model, device_map=dict(device_map))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ from typing import Any
 
 from harness.tables import ResumeError, RowTable, read_frame, read_rows, write_csv, write_frame
 
-__all__ = ["CASES", "RETENTION", "SUMMARY", "ResumeError", "RowTable", "as_float", "format_table", "metric_meta",
+__all__ = ["CASES", "RETENTION", "SUMMARY", "ResumeError", "RowTable", "as_float", "cost_summary", "format_table",
+           "metric_meta",
            "metric_rows", "read_frame", "read_json", "read_rows", "seconds_per_edit", "summarize_phases",
            "summary_table", "write_csv", "write_frame", "write_json", "write_summary"]
 
@@ -105,6 +106,47 @@ def seconds_per_edit(rows: Sequence[Mapping[str, str]]) -> float:
     return sum(vals) / len(vals) if vals else math.nan
 
 
+PHASES = ("pre", "edit", "probe", "restore", "verify")  # the time_<phase>_s columns of an edit row
+
+
+def cost_summary(rows: Sequence[Mapping[str, str]]) -> dict[str, Any]:
+    """What a run cost, from its rows (docs/results.md, "Cost columns").
+
+    Each edit row holds its call's seconds and the call's size (``batch_size``; ``pre_batch_size``
+    for ``time_pre_s``), so a call's seconds count once: Σ seconds / size over the rows. A retention
+    row holds its pass's ``time_probe_s`` and the pass's size likewise.
+
+    Returns:
+        ``<phase>_s_total`` and ``<phase>_s_per_edit`` for pre, edit, probe, restore and verify
+        (per edit: over the edit rows that did not fail), ``retention_s_total``, ``total_s`` (those,
+        plus the preparation) and ``total_s_per_edit``; ``mem_kind``, ``mem_peak_mb`` (the highest
+        peak of any call) and ``mem_increase_mb_max`` (the largest rise within one call).
+    """
+    def call_share(r: Mapping[str, str], col: str, size_col: str) -> float:
+        t, n = as_float(r.get(col)), as_float(r.get(size_col))
+        return 0.0 if math.isnan(t) else t / (n if n > 0 else 1.0)
+
+    edits = [r for r in rows if r.get("point") == "edit"]
+    done = [r for r in edits if r.get("status") != "error"]
+    out: dict[str, Any] = {}
+    for phase in PHASES:
+        size = "pre_batch_size" if phase == "pre" else "batch_size"
+        out[f"{phase}_s_total"] = sum(call_share(r, f"time_{phase}_s", size) for r in edits)
+    out["retention_s_total"] = sum(call_share(r, "time_probe_s", "batch_size") for r in rows
+                                   if r.get("point") == "retention")
+    out["total_s"] = sum(out[f"{p}_s_total"] for p in PHASES) + out["retention_s_total"] + prepare_seconds(rows)
+    n = len(done)
+    for phase in PHASES:
+        out[f"{phase}_s_per_edit"] = out[f"{phase}_s_total"] / n if n else math.nan
+    out["total_s_per_edit"] = out["total_s"] / n if n else math.nan
+    peaks = [v for v in (as_float(r.get("mem_peak_mb")) for r in rows) if not math.isnan(v)]
+    rises = [v for v in (as_float(r.get("mem_increase_mb")) for r in rows) if not math.isnan(v)]
+    out["mem_kind"] = " ".join(sorted({r["mem_kind"] for r in rows if r.get("mem_kind")}))
+    out["mem_peak_mb"] = max(peaks) if peaks else math.nan
+    out["mem_increase_mb_max"] = max(rises) if rises else math.nan
+    return out
+
+
 def prepare_seconds(rows: Sequence[Mapping[str, str]]) -> float:
     """Total seconds the algorithm's preparation took over the run's processes."""
     return sum(v for v in (as_float(r.get("time_prepare_s")) for r in rows) if not math.isnan(v))
@@ -122,12 +164,13 @@ def write_summary(path: str | Path, rows: Sequence[Mapping[str, str]], metrics: 
 
     Returns:
         One dict per (phase, metric): ``ident``, ``phase``, ``metric``, ``version``, ``direction``,
-        ``unit``, ``mean``, ``sem``, ``count``, ``excluded`` and the run's counts and timing.
+        ``unit``, ``mean``, ``sem``, ``count``, ``excluded`` and the run's counts and cost
+        (``cost_summary``).
     """
     edits = [r for r in rows if r.get("point") == "edit"]
     extra = {"n_cases": len(edits), "n_errors": sum(r.get("status") == "error" for r in edits),
              "n_nonfinite": sum(r.get("status") == "nonfinite" for r in edits),
-             "seconds_per_edit": seconds_per_edit(rows), "prepare_s": prepare_seconds(rows)}
+             "seconds_per_edit": seconds_per_edit(rows), "prepare_s": prepare_seconds(rows), **cost_summary(rows)}
     out: list[dict[str, Any]] = []
     for phase, table in summarize_phases(rows, metrics).items():
         for metric, st in table.items():

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from harness.cases import CaseLog
 from harness.editor import RestoreError
+from harness.memory import PeakMemory, model_devices
 from harness.premeasure import PreMeasurements, chunks
 from harness.probes import Measurement, summarize
 from harness.plots import plot_retention
@@ -148,7 +149,8 @@ class Sequential:
             return
         seed_step(self.cfg, step)
         try:
-            out = editor.edit(batch, pre=self.pre.of(batch))
+            with PeakMemory(model_devices(self.setup.model)) as mem:
+                out = editor.edit(batch, pre=self.pre.of(batch))
         except (KeyboardInterrupt, RestoreError):
             raise
         except Exception as exc:  # the Editor rolled this step back; record and go on
@@ -162,7 +164,8 @@ class Sequential:
                         self.cfg.eval.outlier_factor)
         self.steps.append((step, norm, flag))
         self.edited += [r.case_id for r in batch]
-        cases.outcome_rows(batch, out, step, editor.n_edits, self.pre, delta_norm=norm, outlier=flag)
+        cases.outcome_rows(batch, out, step, editor.n_edits, self.pre, delta_norm=norm, outlier=flag,
+                           **mem.peak.cells())
 
     def retention(self, step: int) -> None:
         """Re-evaluate every edit so far against its pre measurement; rows, retention.csv, plot."""
@@ -170,14 +173,15 @@ class Sequential:
             return  # written before an interruption; the redone edits are bit-identical
         requests = [self.by_id[c] for c in self.edited]
         t0 = time.perf_counter()
-        post = Measurement.concat([self.editor.evaluate(part, reference=self.pre.of(part))
-                                   for part in chunks(requests, 16)])
+        with PeakMemory(model_devices(self.setup.model)) as mem:
+            post = Measurement.concat([self.editor.evaluate(part, reference=self.pre.of(part))
+                                       for part in chunks(requests, 16)])
         dt = round(time.perf_counter() - t0, 4)
         n_edits = self.editor.n_edits
         for r, values, extra in zip(requests, post.metrics, post.extras):
             self.cases.write(self.cases.row(r, "retention", step, n_edits, pre=self.pre.metrics_of(r), post=values,
                                             nonfinite=bool(extra.get("nonfinite")), time_probe_s=dt,
-                                            batch_size=len(requests)))
+                                            batch_size=len(requests), **mem.peak.cells()))
         last = max((int(x["step"]) for x in self.ret.rows), default=0)
         recent = [(n, o) for s, n, o in self.steps if last < s <= step]
         means = {m: st["mean"] for m, st in summarize(post.metrics).items() if m in self.ret_metrics}

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from harness.cases import CaseLog
 from harness.editor import RestoreError
+from harness.memory import PeakMemory, model_devices
 from harness.premeasure import PreMeasurements, chunks
 from harness.runsetup import RunSetup, seed_step
 
@@ -25,6 +26,7 @@ def run_single(setup: RunSetup, cases: CaseLog, pre: PreMeasurements, progress: 
     if len(pending) < len(setup.requests):
         log.info("%d case(s) already recorded, %d to run", len(setup.requests) - len(pending), len(pending))
     bs = setup.cfg.batch_size
+    devices = model_devices(setup.model)
     for i, batch in enumerate(tqdm(list(chunks(pending, bs)), desc="edits", disable=not progress)):
         pre.ensure(pending[i * bs:(i + 1) * bs + max(pre.chunk - bs, 0)])
         batch, failed = pre.split(batch)
@@ -34,10 +36,11 @@ def run_single(setup: RunSetup, cases: CaseLog, pre: PreMeasurements, progress: 
             continue
         seed_step(setup.cfg, 0)
         try:
-            out = setup.editor.edit(batch, pre=pre.of(batch))
+            with PeakMemory(devices) as mem:
+                out = setup.editor.edit(batch, pre=pre.of(batch))
         except (KeyboardInterrupt, RestoreError):
             raise
         except Exception as exc:  # recorded as error rows; the Editor has restored the model
             cases.error_rows(batch, 1, len(batch), exc, pre)
             continue
-        cases.outcome_rows(batch, out, 1, len(batch), pre)
+        cases.outcome_rows(batch, out, 1, len(batch), pre, **mem.peak.cells())

@@ -210,7 +210,7 @@ def test_alphaedit_tiny_edits_declared_weights_and_shrinks_z_error(arch, tiny, t
         assert 0 < report.info[f"nullspace_dim.{layer}"] < 128  # a proper null space at this threshold
         # docs/algorithms/alphaedit.md (how it is checked): on the model's own C, ‖P C P‖₂ <= threshold.
         cov = alg.stats.get(model, tok, model_spec(model), layer, alg.hparams.stats).double()
-        proj = alg.projector(model, layer)
+        proj = alg.projector(model, layer).double()
         assert float(torch.linalg.matrix_norm(proj @ cov @ proj, ord=2)) <= alg.hparams.nullspace_threshold
 
 
@@ -221,3 +221,55 @@ def test_alphaedit_hparams_validated():
         create("alphaedit", {"nullspace_threshold": -1.0})
     with pytest.raises(TypeError, match="unknown hyperparameter"):
         create("alphaedit", {"mom2_update_weight": 1.0})
+
+
+def test_alphaedit_state_dtype_float32_update_within_bound_of_float64(tiny, tmp_path):
+    """P and C_p kept in float32 (the default) change the sequential updates by far less than the
+    bound stated in conf/algorithm/alphaedit.yaml (relative 1e-4 of ‖Δ‖) at a ridge that keeps the
+    solve well conditioned (l2=1; at l2=1e-2 the tiny model's system amplifies any 1e-7 change of
+    the keys, float32 rounding included, to tens of percent: alphaedit.yaml)."""
+    model, tok = tiny
+    deltas = {}
+    for dt in ("float64", "float32"):
+        alg = create("alphaedit", tiny_hparams(tmp_path, state_dtype=dt, l2=1.0))
+        editor = Editor(model, tok, alg, keep_original_weight=False)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        editor.edit(REQS[:1])
+        editor.edit(REQS[1:])  # the second batch's solve uses C_p of the first
+        assert all(v.dtype == getattr(torch, dt) for v in alg.state_dict().values())
+        assert alg.projector(model, 0).dtype == getattr(torch, dt)
+        deltas[dt] = {n: p.detach() - before[n] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+        editor.restore()
+    assert deltas["float32"].keys() == deltas["float64"].keys() and deltas["float64"]
+    for n, d64 in deltas["float64"].items():
+        assert float((deltas["float32"][n] - d64).norm() / d64.norm()) < 1e-4, n
+
+
+def test_alphaedit_rollback_holds_state_without_copy_and_catches_writes_in_place(tiny, tmp_path, monkeypatch):
+    model, tok = tiny
+    alg = create("alphaedit", tiny_hparams(tmp_path))
+    editor = Editor(model, tok, alg, keep_original_weight=False)
+    editor.edit(REQS[:1])
+    held = {k: (v.data_ptr(), v.clone()) for k, v in alg.state_dict().items()}
+    single = Editor(model, tok, alg, keep_original_weight=True)
+    single.edit(REQS[1:])  # rolled back: the very same storage comes back, unchanged
+    after = alg.state_dict()
+    assert after.keys() == held.keys() and held
+    assert all(after[k].data_ptr() == ptr and torch.equal(after[k], v) for k, (ptr, v) in held.items())
+
+    # an algorithm that declares state_replaced but adds in place is caught at the rollback
+    def add_in_place(self, *a, **k):
+        for cp in self._cp.values():
+            cp.add_(1.0)
+        return {}
+
+    monkeypatch.setattr(type(alg), "_after_batch", add_in_place)
+    from harness.editor import RestoreError
+
+    with pytest.raises(RestoreError, match="state_replaced"):
+        single.edit(REQS[1:])
+
+
+def test_alphaedit_state_dtype_validated():
+    with pytest.raises(ValueError, match="state_dtype"):
+        create("alphaedit", {"state_dtype": "float16"})

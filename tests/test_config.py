@@ -144,7 +144,7 @@ SMOLLM2_BEFORE = {
     "rome": dict(layer=5, key_mode="r_rome", mom2_adjustment=False, fast_path=True, target=TARGET, stats=STATS,
                  templates=dict(length_params=[[5, 10], [10, 10]], seed=0)),
     "memit": dict(SPREAD, mom2_update_weight=2000.0),
-    "alphaedit": dict(SPREAD, nullspace_threshold=0.02, l2=10.0, cache_projector=True),
+    "alphaedit": dict(SPREAD, nullspace_threshold=0.02, l2=10.0, cache_projector=True, state_dtype="float32"),
     "ft": dict(layers=[20], num_steps=25, lr=5e-4, weight_decay=0.0, norm_constraint=None, batch_size=1, min_loss=0.01,
                include_bias=False, seed=0),
     "lora": dict(target_modules=["self_attn.q_proj", "self_attn.v_proj"], layers=None, rank=8, alpha=32.0, dropout=0.1,

@@ -65,7 +65,7 @@ else:
 from harness.cli import main
 main()
 """
-TIMING = ("_s", "run_id", "snapshot_bytes", "report")  # columns that may differ between processes
+TIMING = ("_s", "_mb", "run_id", "snapshot_bytes", "report")  # columns that may differ between processes
 
 
 def overrides(name: str, tmp_path: Path) -> list[str]:

@@ -80,6 +80,10 @@ class EditAlgorithm:
     #: prefixes of ``EditReport.info`` keys that say where the run's inputs came from (the key
     #: statistics ``stats.*``); the run copies them into ``run.json`` (``provenance``).
     provenance_prefixes: ClassVar[tuple[str, ...]] = ("stats.",)
+    # True: ``apply`` replaces its state tensors (``self.x = self.x + y``), never writes into one
+    # that ``state_dict`` handed out; the Editor then holds them for a rollback without a copy
+    # (and checks their version counters when it restores: a write in place is a RestoreError).
+    state_replaced: ClassVar[bool] = False
 
     def __init__(self, hparams: Any = None, **overrides: Any) -> None:
         if hparams is None:

@@ -40,9 +40,11 @@ def replace_hidden(out: Any, h: torch.Tensor) -> Any:
 
 
 def add_at(h: torch.Tensor, sub: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """``h`` [B, L, d] with ``delta[i]`` added at (row i, position sub[i]) for every row; out of place."""
+    """``h`` [B, L, d] with ``delta[i]`` added at (row i, position sub[i]) for every row; out of place,
+    on ``h``'s device (a model spread over devices: δ and the positions may live elsewhere)."""
     rows = torch.arange(h.shape[0], device=h.device)
-    return h.index_put((rows, sub), h[rows, sub] + delta.to(h.dtype))
+    sub = sub.to(h.device)
+    return h.index_put((rows, sub), h[rows, sub] + delta.to(device=h.device, dtype=h.dtype))
 
 
 def logit_head(model: nn.Module, spec: ModelSpec) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -51,8 +53,14 @@ def logit_head(model: nn.Module, spec: ModelSpec) -> Callable[[torch.Tensor], to
     norm, unembed = get_module(model, spec.final_norm), get_module(model, spec.unembed)
     cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
 
+    norm_dev = next(norm.parameters(), None)
+    unembed_dev = next(unembed.parameters(), None)
+
     def head(h: torch.Tensor) -> torch.Tensor:
-        logits = unembed(norm(h))
+        if norm_dev is not None:
+            h = h.to(norm_dev.device)
+        h = norm(h)
+        logits = unembed(h if unembed_dev is None else h.to(unembed_dev.device))
         return torch.tanh(logits / cap) * cap if cap else logits
 
     return head

@@ -197,12 +197,13 @@ class Memit(EditAlgorithm):
         t = time.perf_counter()
         norms: dict[str, float] = {}
         for i, layer in enumerate(hp.layers):
-            keys = compute_keys(model, tok, spec, layer, requests, templates).T  # [d_ff, n]
-            err = z - self._current(model, tok, spec, requests)  # [d, n]
+            name = spec.mlp_out_weight(layer)
+            dev = params[name].device  # a model spread over devices: solve where the weight is
+            keys = compute_keys(model, tok, spec, layer, requests, templates).T.to(dev)  # [d_ff, n]
+            err = z.to(dev) - self._current(model, tok, spec, requests).to(dev)  # [d, n]
             info[f"z_error.{layer}"] = float(err.norm())
             resid = self._share(err, len(hp.layers) - i)
             delta = self._layer_delta(model, tok, spec, layer, keys, resid)
-            name = spec.mlp_out_weight(layer)
             w_old = as_map(params[name], spec.out_transposed)
             written = write_deltas(model, {name: to_param_layout(delta, params[name], spec.out_transposed)}, declared)
             norms.update(written.norms)
@@ -212,7 +213,7 @@ class Memit(EditAlgorithm):
             log.info("%s layer %d: |Z-H| %.4g, |delta| %.4g written (%.4g intended), residual %.3g (unrounded %.3g)",
                      self.name, layer, info[f"z_error.{layer}"], norms[name], info[f"intended_norm.{name}"],
                      info[f"residual.{layer}"], info[f"residual_unrounded.{layer}"])
-        info["z_error.final"] = float((z - self._current(model, tok, spec, requests)).norm())
+        info["z_error.final"] = float((z - self._current(model, tok, spec, requests).to(z.device)).norm())
         info["t_layers"] = time.perf_counter() - t
 
         t = time.perf_counter()

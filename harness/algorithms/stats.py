@@ -123,8 +123,9 @@ def accumulate(model: nn.Module, tok: Any, modules: Sequence[str], seqs: Sequenc
 
     def hook(name: str, last: bool) -> Callable[[nn.Module, tuple, dict[str, Any]], None]:
         def pre(_m: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-            x = first_input(args, kwargs)[mask].to(dtype)
-            sums[name] = sums.get(name, 0) + (x.T @ x).cpu()
+            x = first_input(args, kwargs)
+            x = x[mask.to(x.device)].to(dtype)
+            sums[name] = sums.get(name, 0) + x.T @ x  # on the module's device; moved once, at the end
             if last:  # the deepest module needed: the layers above are not run
                 raise StopForward
         return pre
@@ -138,7 +139,7 @@ def accumulate(model: nn.Module, tok: Any, modules: Sequence[str], seqs: Sequenc
             mask = attn.bool().to(dev)
             count += int(attn.sum())
             run_to_stop(model, input_ids=ids.to(dev), attention_mask=attn.to(dev), use_cache=False)
-    return sums, count
+    return {name: total.cpu() for name, total in sums.items()}, count
 
 
 def second_moments(model: nn.Module, tok: Any, spec: ModelSpec, layers: Sequence[int], cfg: StatsConfig,

@@ -13,7 +13,9 @@ Transformer"). ``optimize_targets`` runs, and this module reads, in this order:
    cache, and each step runs only the suffixes through the model's own forward with that cache,
    explicit position ids and a [prefix | suffix] mask (batched generation's mechanism, so any
    architecture transformers can generate with works). Step 0 is checked against the reference
-   forward; a mismatch falls back to the whole rows.
+   forward; a mismatch falls back to the whole rows. After step 0 the blocks below the δ site are
+   not rerun: their recorded outputs are replayed (``replay.BlockReplay``), and each step gets the
+   prefix cache without a copy (``replay.fresh_cache``).
 4. ``run_loop``: Adam on a float32 δ (cast to the hidden dtype where ``DeltaForward`` adds it),
    ``target_loss`` = mean target NLL + ``kl_factor``·KL(P_δ‖P_0) at the KL read +
    ``weight_decay``·‖δ‖/‖v_init‖², early stop per request (stopped requests leave the batch),
@@ -24,7 +26,6 @@ The model is left as it was found: hooks are removed on exit and the gradient is
 """
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections.abc import Sequence
@@ -37,6 +38,7 @@ from torch import nn
 from harness.algorithms.hooks import (Hooks, StopForward, add_at, hidden_of, logit_head, model_device, replace_hidden,
                                       run_to_stop)
 from harness.algorithms.locate import as_template_groups
+from harness.algorithms.replay import BlockReplay, fresh_cache
 from harness.algorithms.target_rows import Layout, PromptRows, View, build_rows, full_layout, select, split_at_subject
 from harness.models import ModelSpec, cache_kwargs, get_module, num_layers
 from harness.tokens import pad_id
@@ -107,15 +109,16 @@ class TargetResult:
 
 def optimize_target(model: nn.Module, tok: Any, spec: ModelSpec, request: EditRequest, layer: int,
                     hp: TargetHparams, templates: Sequence[str] | Sequence[Sequence[str]], where: str = "mlp",
-                    fast: bool = True) -> TargetResult:
+                    fast: bool = True, replay: bool = True) -> TargetResult:
     """Optimise δ so that adding it at the subject's last token makes the model say ``target_new``
     (``optimize_targets`` for one request; the arguments are the same)."""
-    return optimize_targets(model, tok, spec, [request], layer, hp, templates, where=where, fast=fast)[0]
+    return optimize_targets(model, tok, spec, [request], layer, hp, templates, where=where, fast=fast,
+                            replay=replay)[0]
 
 
 def optimize_targets(model: nn.Module, tok: Any, spec: ModelSpec, requests: Sequence[EditRequest], layer: int,
                      hp: TargetHparams, templates: Sequence[str] | Sequence[Sequence[str]], where: str = "mlp",
-                     fast: bool = True) -> list[TargetResult]:
+                     fast: bool = True, replay: bool = True) -> list[TargetResult]:
     """Optimise one δ per request so that adding it at the subject's last token makes the model say
     ``target_new``; all requests' prompts run in one batch (module docstring: rows, loss, fast path).
 
@@ -133,6 +136,9 @@ def optimize_targets(model: nn.Module, tok: Any, spec: ModelSpec, requests: Sequ
             δ on the output hidden state of block ``layer``).
         fast: cache the prompts' prefixes (up to the subject) and run only the suffixes each step;
             ``False`` runs the full model with hooks every step (the reference path).
+        replay: after the first step, skip the blocks below the δ site (and the site block itself
+            for ``"block"``) and replay their recorded outputs (``replay.BlockReplay``); their
+            outputs do not depend on δ. ``False`` recomputes them every step (for comparison).
 
     Returns:
         One ``TargetResult`` per request, in order; ``seconds`` are the batch's.
@@ -154,6 +160,9 @@ def optimize_targets(model: nn.Module, tok: Any, spec: ModelSpec, requests: Sequ
     site = get_module(model, spec.mlp.format(layer) if where == "mlp" else spec.layer.format(layer))
     fwd = DeltaForward(model, spec, site, get_module(model, spec.layer.format(loss_layer)), b.row_req)
     ref, v_init = reference_pass(fwd, b, full)
+    below = range(layer + (where == "block"))
+    if replay and len(below):
+        fwd.replay = BlockReplay([get_module(model, spec.layer.format(i)) for i in below])
     cut = split_at_subject(model, b, pad_id(tok)) if fast else None
     t_prep = time.perf_counter() - t_start
     delta, prog, fast = run_loop(fwd, b, full, cut, ref, v_init, hp)
@@ -183,6 +192,7 @@ class DeltaForward:
         self.sub: Optional[torch.Tensor] = None  # per row of the running view: where δ goes
         self.row_delta: Optional[torch.Tensor] = None  # per row: its request's δ
         self.hidden: Optional[torch.Tensor] = None  # the loss block's output in the running forward
+        self.replay: Optional[BlockReplay] = None  # the blocks below the site, skipped after step 0
 
     def add_delta(self, _m: nn.Module, _args: tuple, out: Any) -> Any:
         return replace_hidden(out, add_at(hidden_of(out), self.sub, self.row_delta))
@@ -202,12 +212,17 @@ class DeltaForward:
         if at.pos is not None:
             kw["position_ids"] = at.pos
         if at.cache is not None:
-            kw.update(use_cache=True, **cache_kwargs(self.model, copy.deepcopy(at.cache)))
-        run_to_stop(self.model, **kw)
+            kw.update(use_cache=True, **cache_kwargs(self.model, fresh_cache(at.cache)))
+        if self.replay is None:
+            run_to_stop(self.model, **kw)
+        else:
+            with self.replay.around(v.rows, len(self.row_req)):
+                run_to_stop(self.model, **kw)
         hidden, self.hidden = self.hidden, None
         if hidden is None:
             raise RuntimeError("the forward pass never reached the loss block")
-        return self.head(hidden[v.read_rows, at.read_pos])
+        # the reads, and the logits back, on the rows' device (the loss block may sit on another)
+        return self.head(hidden[v.read_rows.to(hidden.device), at.read_pos.to(hidden.device)]).to(at.ids.device)
 
 
 @torch.no_grad()
@@ -220,7 +235,7 @@ def reference_pass(fwd: DeltaForward, b: PromptRows, full: Layout) -> tuple[torc
         fwd.attach(hooks)
         ref = fwd(select(b, full, torch.ones(n, dtype=torch.bool, device=b.ids.device)),
                   torch.zeros(n, 1, device=b.ids.device))
-    return ref, torch.stack([seen[0][r, b.sub[r]] for r in b.first_row]).float()
+    return ref, torch.stack([seen[0][r, b.sub[r]] for r in b.first_row]).float().to(b.ids.device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,6 +282,8 @@ def run_loop(fwd: DeltaForward, b: PromptRows, full: Layout, fast: Optional[Layo
                 log.warning("fast path differs from the full forward by %.3g at step 0; using the full forward",
                             float((logits.detach() - ref).abs().max()))
                 at = full
+                if fwd.replay is not None:
+                    fwd.replay.reset()  # what it recorded was the suffixes' states
                 v = select(b, at, everyone)
                 logits = fwd(v, delta)
             if kl_init is None:  # log P_0 at the KL reads: step 0, δ = 0, every request

@@ -14,7 +14,6 @@ Rows are padded on the right by ``harness.tokens.pad_batch``, whatever ``tok.pad
 """
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from harness.algorithms.locate import fill_template, subject_last_index
+from harness.algorithms.replay import fresh_cache
 from harness.models import output_cache
 from harness.tokens import encode_pairs, pad_batch, pad_id
 from harness.types import EditRequest
@@ -138,9 +138,9 @@ def select(b: PromptRows, at: Layout, active: torch.Tensor) -> View:
     new_row = torch.full((n_rows,), -1, dtype=torch.long, device=rows.device)
     new_row[rows] = torch.arange(len(rows), device=rows.device)
     local = torch.cumsum(active.long(), 0) - 1
-    cache = at.cache  # each forward works on its own deep copy: this one is never written to
+    cache = at.cache  # each forward works on its own copy (replay.fresh_cache): this one is never written to
     if cache is not None and len(rows) < n_rows:
-        cache = copy.deepcopy(cache)
+        cache = fresh_cache(cache)
         cache.batch_select_indices(rows)
     kept = Layout(ids=at.ids[rows], attn=at.attn[rows], sub=at.sub[rows], read_pos=at.read_pos[reads],
                   pos=None if at.pos is None else at.pos[rows], cache=cache)
