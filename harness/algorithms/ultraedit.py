@@ -172,7 +172,6 @@ class UltraEdit(EditAlgorithm):
 
     def apply(self, model: nn.Module, tok: Any, requests: Sequence[EditRequest]) -> EditReport:
         t_start = time.perf_counter()
-        hp = self.hparams
         declared = self.targets(model, requests)
         paths = self._module_paths(model)
         modules = {p: get_module(model, p) for p in paths}
