@@ -222,7 +222,12 @@ def test_every_family_entry_composes_and_is_recorded(name: str, family: str) -> 
 ANCHORS = {
     ("gpt2_local", "rome"): {"layer": 17, "mom2_adjustment": True, "target.num_grad_steps": 20, "target.lr": 0.5,
                              "target.weight_decay": 0.5, "target.clamp_norm_factor": 4.0, "target.kl_factor": 0.0625,
+                             "target.loss_layer": None, "target.early_stop_loss": 0.05, "stats.ridge": 0.0,
                              "templates.length_params": [[5, 10], [10, 10]]},
+    ("gptj_local", "memit"): {"layers": [3, 4, 5, 6, 7, 8], "mom2_update_weight": 15000.0, "target.num_grad_steps": 25,
+                              "target.lr": 0.5, "target.weight_decay": 0.5, "target.clamp_norm_factor": 0.75,
+                              "target.kl_factor": 0.0625, "target.loss_layer": None,
+                              "templates.length_params": [[10, 5]]},
     ("llama_local", "rome"): {"layer": 5, "mom2_adjustment": False, "target.num_grad_steps": 25, "target.lr": 0.5,
                               "target.weight_decay": 1e-3, "target.clamp_norm_factor": 4.0, "target.kl_factor": 0.0625,
                               "templates.length_params": [[5, 10], [10, 10]]},
@@ -262,7 +267,8 @@ ANCHORS[("llama_local", "ft_m")] = ANCHORS[("llama_local", "ft")]
 @pytest.mark.parametrize("model,name", sorted(ANCHORS))
 def test_model_config_selects_the_family_settings(model: str, name: str) -> None:
     cfg, got = _hparams([f"model={model}", "model.source=/models/x", f"algorithm={name}"])
-    assert cfg.algorithm.family == cfg.model.family == {"gpt2_local": "gpt2", "llama_local": "llama"}[model]
+    assert cfg.algorithm.family == cfg.model.family == {"gpt2_local": "gpt2", "gptj_local": "gptj",
+                                                        "llama_local": "llama"}[model]
     got = _flat(got)
     assert {k: got[k] for k in ANCHORS[(model, name)]} == ANCHORS[(model, name)]
 

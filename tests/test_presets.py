@@ -17,9 +17,12 @@ from harness.presets import dry_run, main, preset_names
 
 # preset -> (model family, settings that must resolve, published numbers the file must quote)
 EXPECTED = {
-    "paper_rome": ("gpt2", {"algorithm.hparams.layer": 17, "batch_size": 1, "keep_original_weight": True},
-                   ["ES 100.0 / PS 96.4 / NS 75.4", "RS 41.9"]),
-    "paper_ft": ("gpt2", {"algorithm.hparams.layers": [0], "algorithm.hparams.norm_constraint": 5e-4}, ["FT+L"]),
+    "paper_rome": ("gpt2", {"algorithm.hparams.layer": 17, "algorithm.hparams.stats.ridge": 0.0, "batch_size": 1,
+                            "keep_original_weight": True},
+                   ["ES 100.0 / PS 96.4 / NS 75.4", "GE 621.9", "RS 41.9"]),
+    "paper_ft": ("gpt2", {"algorithm.hparams.layers": [0], "algorithm.hparams.norm_constraint": 5e-4,
+                          "algorithm.hparams.include_bias": True},
+                 ["FT+L", "ES 99.1 / PS 48.7 / NS 70.3", "GE 621.4", "RS 37.4"]),
     "paper_memit": ("gptj", {"algorithm.hparams.layers": [3, 4, 5, 6, 7, 8],
                              "algorithm.hparams.mom2_update_weight": 15000.0, "batch_size": 10000,
                              "data.limit": 10000, "keep_original_weight": True},
