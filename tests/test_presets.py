@@ -18,6 +18,7 @@ from harness.presets import dry_run, main, preset_names
 # preset -> (model family, settings that must resolve, published numbers the file must quote)
 EXPECTED = {
     "paper_rome": ("gpt2", {"algorithm.hparams.layer": 17, "algorithm.hparams.stats.ridge": 0.0, "batch_size": 1,
+                            "algorithm.hparams.key_mode": "original",
                             "keep_original_weight": True},
                    ["ES 100.0 / PS 96.4 / NS 75.4", "GE 621.9", "RS 41.9"]),
     "paper_ft": ("gpt2", {"algorithm.hparams.layers": [0], "algorithm.hparams.norm_constraint": 5e-4,
