@@ -39,7 +39,7 @@ from torch import nn
 from harness.algorithms.base import AlgorithmError, EditAlgorithm, register, write_deltas
 from harness.algorithms.hooks import Hooks, model_device
 from harness.models import ModelSpec, get_module, model_spec, num_layers
-from harness.tokens import encode_pairs
+from harness.tokens import encode_pairs, pad_id
 from harness.types import EditReport, EditRequest
 
 log = logging.getLogger(__name__)
@@ -231,7 +231,7 @@ class UltraEdit(EditAlgorithm):
         """Keys [T, d_in] and output gradients [T, d_out] per module (float32, CPU), and the mean loss."""
         pairs = encode_pairs(tok, [(r.rewrite_prompt, r.target_new) for r in requests])
         width = max(len(p.ids) for p in pairs)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        pad = pad_id(tok)
         dev = model_device(model)
         ids = torch.full((len(pairs), width), pad, dtype=torch.long)
         attn = torch.zeros((len(pairs), width), dtype=torch.long)
