@@ -330,10 +330,9 @@ class Wild(ProbeFamily):
         judged = [p for p in PARTS if f"wild_{p}_judge" in self.wanted]
         if judged:
             items = [(q, target, text) for p in judged for q, (text, target) in zip(questions[p], by_part[p])]
-            model, tok = self._judge if self._judge is not None else (None, None)
-            if model is None:
+            if self._judge is None:
                 raise RuntimeError("wild: the judge was not loaded (compute called before generate)")
-            found = iter(verdicts(model, tok, items, self.batch_size))
+            found = iter(verdicts(*self._judge, items, self.batch_size))
             for p in judged:
                 metrics[f"wild_{p}_judge"] = _mean([next(found) for _ in by_part[p]])
             extras["wild_judge"] = self.settings.judge
