@@ -131,8 +131,10 @@ class ProbesConfig:
         fluency_max_length, fluency_max_prompts: the ``fluency`` family's settings
             (``<family>_<setting>``; see ``harness.probes.fluency.FluencySettings``).
         fluency_short: add the ``fluency_short`` family (the earlier 32-token fluency, its defaults).
-        wild_context, wild_margin: the ``wild`` family's settings (see
+        wild_context, wild_margin, wild_judge: the ``wild`` family's settings (see
             ``harness.probes.wild.WildSettings``); used when a config names the family.
+            ``wild_judge``: a local causal LM (model directory, ``.gguf``, or ``smollm2``) whose
+            verdicts give the ``wild_*_judge`` metrics; null: none (exact match is the fallback).
         capability_corpus, capability_max_tokens, capability_tasks: the ``capability`` family's
             settings (see ``harness.probes.capability.CapabilitySettings``): a text file for
             ``perplexity`` (null: the shipped text), tokens read from it, and a JSONL
@@ -154,6 +156,7 @@ class ProbesConfig:
     fluency_short: bool = False
     wild_context: str = "question-only"
     wild_margin: int = 5
+    wild_judge: Optional[str] = None
     capability_corpus: Optional[str] = None
     capability_max_tokens: int = 1024
     capability_tasks: Optional[str] = None

@@ -76,7 +76,8 @@ REQUESTS = [
 
 # Settings a family needs for every declared metric to have a value (default settings elsewhere):
 # ``capability`` measures ``mc_accuracy`` only with a task file (NaN without one); ``consistency``
-# needs ROME's reference files (written to a temporary folder: a callable receives it).
+# needs ROME's reference files (written to a temporary folder: a callable receives it); ``wild``'s
+# judge metrics need a judge model.
 def _consistency_files(root: Path) -> dict[str, str]:
     words = ["danielle", "darrieux", "was", "toko", "yasuda", "france", "is", "english", "piano", "lyon"]
     np.save(root / "idf.npy", np.linspace(0.5, 3.0, len(words)))
@@ -92,6 +93,7 @@ CONTRACT_SETTINGS: dict[str, Any] = {
     "capability": {"tasks": str(Path(__file__).resolve().parents[1] / "harness" / "data" / "samples"
                                 / "capability-mc-example.jsonl")},
     "consistency": _consistency_files,
+    "wild": {"judge": "tiny"},  # the judge metrics exist only with a judge
 }
 
 

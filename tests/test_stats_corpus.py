@@ -86,6 +86,18 @@ def test_model_source_warns(tiny, tmp_path, caplog):
     assert "not comparable to the papers" in caplog.text
 
 
+def test_a_small_corpus_keeps_its_sizes_and_warns(tiny, tmp_path, caplog):
+    """Giving a corpus file does not switch the sizes to the anchors' (docs/algorithms/key-statistics.md):
+    C rests on the sizes asked for, and a warning names them beside the anchors'."""
+    model, tok = tiny
+    cfg = StatsConfig(source=str(_jsonl(tmp_path / "c.jsonl")), n_samples=6, seq_len=5, cache_dir=str(tmp_path))
+    record: dict = {}
+    with caplog.at_level(logging.WARNING):
+        second_moments(model, tok, model_spec(model), [0], cfg, record=record)
+    assert record[0]["stats.n_sequences"] == 6 and record[0]["stats.n_tokens"] <= 30
+    assert "at most 6 sequences of 5 tokens" in caplog.text and "100000" in caplog.text
+
+
 def test_provenance_lands_in_the_report(tiny, tmp_path):
     model, tok = tiny
     corpus_file = _jsonl(tmp_path / "c.jsonl")

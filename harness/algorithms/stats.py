@@ -44,6 +44,11 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 __all__ = ["StatsConfig", "StatsCache", "corpus", "read_corpus", "sample_texts", "second_moments", "stats_path"]
 
 
+#: Documents the anchors' statistics rest on (ROME/MEMIT/AlphaEdit ``mom2_n_samples``); a corpus file
+#: given with fewer is used as asked, with a warning (sizes are never switched behind the user's back).
+ANCHOR_SAMPLES = 100_000
+
+
 @dataclass(frozen=True)
 class StatsConfig:
     """Where C comes from and how it is accumulated.
@@ -165,6 +170,11 @@ def second_moments(model: nn.Module, tok: Any, spec: ModelSpec, layers: Sequence
     if cfg.source == "model":
         log.warning("stats.source=model: C comes from text sampled from the model itself, not the anchors' "
                     "Wikipedia; lambda/threshold effects and scores are not comparable to the papers")
+    elif cfg.n_samples < ANCHOR_SAMPLES:
+        log.warning("stats.source=%s: C from at most %d sequences of %d tokens, the anchors' from %d Wikipedia "
+                    "documents of up to the model's context; set stats.n_samples and stats.seq_len to compare "
+                    "with the papers (docs/algorithms/key-statistics.md)", cfg.source, cfg.n_samples,
+                    cfg.seq_len, ANCHOR_SAMPLES)
     digest = digest or model_digest(model)
     out: dict[int, torch.Tensor] = {}
     paths = {layer: stats_path(cfg, digest, spec.mlp_out.format(layer)) for layer in layers}

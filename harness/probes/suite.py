@@ -209,14 +209,11 @@ def build_probes(metrics: Sequence[str] | None = None, batch_size: int = 32, see
     """
     on, flat_settings = _flat_settings(flat)
     chosen = _select(metrics)
-    if metrics is None:
-        order = [m for name in chosen for m in get_probe(name).declared()]
-    else:
-        order = [m for name in metrics for m in (get_probe(name).declared() if name in available() else [name])]
+    names = list(chosen) if metrics is None else [n for n in metrics]
     for name in on:
         if name not in chosen:
             chosen[name] = None
-            order += list(get_probe(name).declared())
+            names.append(name)
     settings = dict(settings or {})
     unknown = sorted(set(settings) - set(available()))
     if unknown:
@@ -228,6 +225,11 @@ def build_probes(metrics: Sequence[str] | None = None, batch_size: int = 32, see
             given = {**(dataclasses.asdict(given) if dataclasses.is_dataclass(given) else dict(given or {})),
                      **flat_settings[name]}
         families.append(get_probe(name)(subset, given, batch_size=batch_size, seed=seed))
+    # A family named as a whole reports what its instance chose (settings may leave metrics out,
+    # e.g. ``wild``'s judge metrics without a judge).
+    by_name = {f.name: f for f in families}
+    order = [m for name in names for m in (by_name[name].chosen if name in by_name and name in available()
+                                            else [name])]
     return BatchedProbes(families, order, batch_size)
 
 

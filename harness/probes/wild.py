@@ -16,6 +16,10 @@ dropped, whitespace collapsed):
   without a reference the model is compared with itself (1.0). The budget comes from the QA's
   answer, so pre and post generate under the same budget.
 
+With a ``judge`` (a local causal LM, ``harness.probes.judge``), ``wild_<part>_judge`` adds its 0/1
+verdicts on the same answers (protocol ``wild_judge``; locality's gold answer is the reference's);
+without one those metrics are not produced and exact match is the fallback.
+
 The ``context`` setting wraps each prompt: ``question-only`` (as is), ``qa-instruction``
 (``"Answer the question.\\nQ: <prompt>\\nA:"``) or ``chat-template`` (the tokenizer's own chat
 template, the prompt as the user turn, ``add_generation_prompt=True``). Each case's extras record
@@ -27,15 +31,16 @@ import logging
 import re
 import string
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from harness.models import cache_kwargs, output_cache
 from harness.probes.base import MetricInfo, ProbeFamily
+from harness.probes.judge import check_judge, load_judge, verdicts
 from harness.probes.registry import register_probe
 from harness.tokens import pad_batch, pad_id
 from harness.types import EditRequest
@@ -50,11 +55,20 @@ INSTRUCTION = "Answer the question."
 LOCALITY_KEY = "wild_locality_text"
 NAN = float("nan")
 
+JUDGE_PROTOCOL = "wild_judge"
+JUDGE_VERSION = 1  # bump with harness.probes.judge.JUDGE_PROMPT or the verdict rule
+
 INFOS: dict[str, MetricInfo] = {
     f"wild_{part}_{kind}": MetricInfo(f"wild_{part}_{kind}", PROTOCOL, VERSION, unit="fraction", bounds=(0.0, 1.0),
                                       headline=kind == "em")
     for part in PARTS for kind in ("em", "f1")
 }
+JUDGE_INFOS: dict[str, MetricInfo] = {
+    f"wild_{part}_judge": MetricInfo(f"wild_{part}_judge", JUDGE_PROTOCOL, JUDGE_VERSION, unit="fraction",
+                                     bounds=(0.0, 1.0), headline=False)
+    for part in PARTS
+}
+KINDS = ("em", "f1", "judge")
 
 # ----------------------------------------------------------------------------------------------
 # SQuAD-style normalisation, exact match and token F1
@@ -190,12 +204,20 @@ class WildSettings:
     Attributes:
         context: how a prompt is presented: ``question-only``, ``qa-instruction`` or ``chat-template``.
         margin: new tokens allowed beyond the target's token count.
+        judge: a local causal LM (path, or ``smollm2``/``tiny``) that gives the ``wild_*_judge``
+            verdicts (``harness.probes.judge``); None: no judge metrics.
+
+    Raises:
+        ValueError: an unknown context or a bad margin.
+        FileNotFoundError: a judge path that does not exist (named as ``probes.wild_judge``).
     """
 
     context: str = "question-only"
     margin: int = 5
+    judge: Optional[str] = None
 
     def __post_init__(self) -> None:
+        check_judge(self.judge)
         if self.context not in CONTEXTS:
             raise ValueError(f"wild: context must be one of {CONTEXTS}, got {self.context!r}")
         if isinstance(self.margin, bool) or not isinstance(self.margin, int) or self.margin < 0:
@@ -205,7 +227,7 @@ class WildSettings:
 def _items(request: EditRequest, wanted: set[str]) -> list[tuple[str, str, str]]:
     """(part, prompt, target) of every generation the wanted metrics of ``request`` need."""
     items: list[tuple[str, str, str]] = []
-    want = {part for part in PARTS if f"wild_{part}_em" in wanted or f"wild_{part}_f1" in wanted}
+    want = {part for part in PARTS if any(f"wild_{part}_{kind}" in wanted for kind in KINDS)}
     if "rewrite" in want:
         items.append(("rewrite", request.rewrite_prompt, request.target_new))
     if "rephrase" in want:
@@ -223,11 +245,34 @@ def _mean(xs: list[float]) -> float:
 
 @register_probe("wild")
 class Wild(ProbeFamily):
-    """Greedy generation scored by exact match and token F1; off unless a config names it."""
+    """Greedy generation scored by exact match and token F1 (and a judge's verdicts when one is
+    configured); off unless a config names it.
 
-    METRICS = tuple(INFOS.values())
+    Raises:
+        ValueError: a judge metric named explicitly while no judge is configured.
+    """
+
+    METRICS = tuple(INFOS.values()) + tuple(JUDGE_INFOS.values())
     Settings = WildSettings
     default = False
+
+    def __init__(self, metrics: Iterable[str] | None = None, settings: Any = None, *, batch_size: int = 32,
+                 seed: int = 0) -> None:
+        super().__init__(metrics, settings, batch_size=batch_size, seed=seed)
+        self._judge: tuple[nn.Module, Any] | None = None  # loaded on first use, once per suite
+        if self.settings.judge is None:
+            named = [m for m in self.chosen if m in JUDGE_INFOS]
+            if metrics is not None and named:
+                raise ValueError(f"wild: metric(s) {named} need a judge model: set probes.wild_judge "
+                                 "(a local model directory, or smollm2)")
+            self.chosen = tuple(m for m in self.chosen if m not in JUDGE_INFOS)
+            self.wanted = frozenset(m for m in self.wanted if m not in JUDGE_INFOS)
+
+    def judge(self, like: nn.Module) -> tuple[nn.Module, Any]:
+        """The judge model and tokenizer, loaded once (beside ``like``, the model under evaluation)."""
+        if self._judge is None:
+            self._judge = load_judge(self.settings.judge, like)
+        return self._judge
 
     def generate(self, model: nn.Module, tok: Any, requests: Sequence[EditRequest]) -> list[list[tuple]] | None:
         if not self.wanted:
@@ -238,6 +283,8 @@ class Wild(ProbeFamily):
         prompts = [encode_prompt(tok, p, context) for _, p, _ in flat]
         budgets = [answer_budget(tok, t, margin) for _, _, t in flat]
         texts = greedy_answers(model, tok, prompts, budgets, self.batch_size)
+        if any(m in JUDGE_INFOS for m in self.wanted):
+            self.judge(model)  # loaded here, where the evaluated model's device is known
         out, i = [], 0
         for items in per:
             out.append([(*it, texts[i + k]) for k, it in enumerate(items)])
@@ -246,15 +293,19 @@ class Wild(ProbeFamily):
 
     def compute(self, request: EditRequest, scores: Mapping, generated: Any,
                 reference: Mapping[str, Any] | None) -> tuple[dict[str, float], dict[str, Any]]:
-        """Per-part means of EM and F1; locality compares with the reference's generations.
+        """Per-part means of EM and F1 (and of the judge's verdicts); locality compares with the
+        reference's generations (the judge reads the reference's answer as the gold one).
 
         Raises:
             ValueError: a reference without ``wild_locality_text`` or with another number of prompts.
+            RuntimeError: judge metrics wanted before ``generate`` loaded the judge.
         """
         generated = generated or []
         by_part: dict[str, list[tuple[str, str]]] = {part: [] for part in PARTS}
-        for part, _, target, text in generated:
+        questions: dict[str, list[str]] = {part: [] for part in PARTS}
+        for part, prompt, target, text in generated:
             by_part[part].append((text, target))
+            questions[part].append(prompt)
         extras: dict[str, Any] = {"wild_context": self.settings.context,
                                   "wild_text": {p: [t for t, _ in v] for p, v in by_part.items() if v}}
         if any(f"wild_locality_{k}" in self.wanted for k in ("em", "f1")):
@@ -276,4 +327,13 @@ class Wild(ProbeFamily):
                 name = f"wild_{part}_{kind}"
                 if name in self.wanted:
                     metrics[name] = _mean([fn(text, target) for text, target in by_part[part]])
+        judged = [p for p in PARTS if f"wild_{p}_judge" in self.wanted]
+        if judged:
+            items = [(q, target, text) for p in judged for q, (text, target) in zip(questions[p], by_part[p])]
+            if self._judge is None:
+                raise RuntimeError("wild: the judge was not loaded (compute called before generate)")
+            found = iter(verdicts(*self._judge, items, self.batch_size))
+            for p in judged:
+                metrics[f"wild_{p}_judge"] = _mean([next(found) for _ in by_part[p]])
+            extras["wild_judge"] = self.settings.judge
         return metrics, extras
