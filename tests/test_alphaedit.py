@@ -273,3 +273,19 @@ def test_alphaedit_rollback_holds_state_without_copy_and_catches_writes_in_place
 def test_alphaedit_state_dtype_validated():
     with pytest.raises(ValueError, match="state_dtype"):
         create("alphaedit", {"state_dtype": "float16"})
+
+
+def test_cp_grows_by_the_keys_of_the_edited_model(tmp_path):
+    """C_p gains Σ kkᵀ of the keys on the model after the batch (the reference recomputes them there);
+    the layer loop's keys, which the code reuses, are those exactly."""
+    from harness.algorithms.locate import compute_keys
+
+    model, tok = tiny_model(seed=0)
+    alg = create("alphaedit", tiny_hparams(tmp_path))
+    Editor(model, tok, alg, keep_original_weight=False).edit(list(REQS[:2]))
+    spec, templates = model_spec(model), alg._context_templates(model, tok)
+    assert alg._keys == {}  # the batch's keys are not held after the edit
+    for layer in alg.hparams.layers:
+        k = compute_keys(model, tok, spec, layer, list(REQS[:2]), templates).to(F64)  # [n, d_ff], edited model
+        want = (k.T @ k).to(alg.state_dtype)
+        assert torch.equal(alg.state_dict()[f"cp.{layer}"], want), layer

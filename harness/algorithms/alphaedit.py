@@ -188,8 +188,13 @@ class AlphaEdit(Memit):
                      templates: list[list[str]]) -> dict[str, Any]:
         info: dict[str, Any] = {}
         for layer in self.hparams.layers:  # (the stats.* provenance is already in MEMIT's report)
-            keys = compute_keys(model, tok, spec, layer, requests, templates).to(torch.float64)
-            kk = (keys.T @ keys).to(self.state_dtype)  # keys is [n, d_ff]: Σ_j k_j k_jᵀ, on their device
+            # the reference recomputes K on the edited model; the loop's K is the same (_after_batch in
+            # memit.py), so it is reused: half of the per-layer cost of a batch
+            keys = self._keys.get(layer)
+            if keys is None:
+                keys = compute_keys(model, tok, spec, layer, requests, templates).T
+            keys = keys.to(torch.float64)
+            kk = (keys @ keys.T).to(self.state_dtype)  # keys is [d_ff, n]: Σ_j k_j k_jᵀ, on their device
             old: Optional[torch.Tensor] = self._cp.get(layer)
             # out of place: the tensors handed out by state_dict stay intact (state_replaced)
             self._cp[layer] = kk if old is None else old.to(kk.device) + kk
