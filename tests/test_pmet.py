@@ -1,4 +1,5 @@
-"""PMET: the two-site target optimisation and the FFN-share update, on the tiny models."""
+"""PMET: the two-site target optimisation (target.py, ``where="attn+mlp"``) and the FFN-share update, on the tiny
+models."""
 from __future__ import annotations
 
 import math
@@ -11,7 +12,6 @@ from harness import EditRequest
 from harness.algorithms import create
 from harness.algorithms.locate import compute_keys
 from harness.algorithms.memit import outputs_at_subject
-from harness.algorithms.pmet import optimize_pair_targets
 from harness.algorithms.solve import as_map, memit_delta
 from harness.algorithms.target import TargetHparams, optimize_targets
 from harness.editor import Editor
@@ -25,9 +25,23 @@ REQS = (
 TEMPLATES = [["{}"], ["Then. {}", "So it goes. {}"]]
 
 
-def _pair(model, tok, requests=REQS, layer=1, fast=True, **hp):
-    return optimize_pair_targets(model, tok, model_spec(model), list(requests), layer,
-                                 TargetHparams(**{"num_grad_steps": 6, "lr": 0.5, **hp}), TEMPLATES, fast=fast)
+class Pair:
+    """The two-site targets of a batch, split per site: attn, mlp [d, n]; *_delta_norm [n]."""
+
+    def __init__(self, results):
+        self.results = results
+        self.attn, self.mlp = (torch.stack(t, dim=1) for t in zip(*(r.target.chunk(2) for r in results)))
+        self.attn_delta_norm, self.mlp_delta_norm = (torch.stack(t) for t in
+                                                     zip(*(d.norm(dim=0) for d in (r.delta.view(2, -1).T for r in results))))
+        self.losses = [r.losses for r in results]
+        self.steps = [r.steps for r in results]
+        self.fast = all(r.fast for r in results)
+
+
+def _pair(model, tok, requests=REQS, layer=1, fast=True, replay=True, **hp):
+    return Pair(optimize_targets(model, tok, model_spec(model), list(requests), layer,
+                                 TargetHparams(**{"num_grad_steps": 6, "lr": 0.5, **hp}), TEMPLATES,
+                                 where="attn+mlp", fast=fast, replay=replay))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -62,14 +76,35 @@ def test_pair_targets_clamp_each_component_against_its_own_norm(tiny):
         assert bool((moved >= bound * 0.99).all()), f"{name}: lr 2 should push every δ to the bound"
 
 
+def test_pair_targets_decay_each_component_against_its_own_norm():
+    """With no KL term, loss − NLL at the last (evaluated, not stepped) iteration is the decay
+    ``weight_decay·(‖δ_attn‖/‖v_attn‖² + ‖δ_mlp‖/‖v_mlp‖²)``, not one decay of the joined vector."""
+    model, tok = load_model("tiny", device="cpu", dtype="float32", tiny={"n_layers": 4})  # an NLL that depends on δ
+    results = _pair(model, tok, kl_factor=0.0, weight_decay=0.5, loss_layer=2).results
+    for r in results:
+        d_attn, d_mlp = r.delta.chunk(2)
+        v_attn, v_mlp = r.v_init.chunk(2)
+        want = 0.5 * (float(d_attn.norm()) / float(v_attn.norm()) ** 2 + float(d_mlp.norm()) / float(v_mlp.norm()) ** 2)
+        joined = 0.5 * float(r.delta.norm()) / float(r.v_init.norm()) ** 2
+        assert r.losses[-1] - r.nll[-1] == pytest.approx(want, rel=1e-4)
+        assert abs(want - joined) > 1e-3 * want  # the test tells the two apart
+
+
+def test_attn_plus_mlp_is_one_more_site_of_target_py(tiny):
+    """``where`` names the sites; anything else is refused with the accepted values."""
+    model, tok = tiny
+    with pytest.raises(ValueError, match="attn\\+mlp"):
+        optimize_targets(model, tok, model_spec(model), list(REQS), 1, TargetHparams(), TEMPLATES, where="attn")
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_pair_targets_fast_path_and_batching_change_nothing(arch):
+def test_pair_targets_fast_path_replay_and_batching_change_nothing(arch):
     # 4 layers, loss read at block 2: the NLL depends on δ (as in test_locate's fast-path test; a flat
     # loss would leave Adam amplifying rounding noise)
     model, tok = load_model("tiny", device="cpu", dtype="float32", tiny={"arch": arch, "n_layers": 4})
     hp = dict(weight_decay=1e-4, clamp_norm_factor=50, loss_layer=2)
     fast = _pair(model, tok, **hp)
-    slow = _pair(model, tok, fast=False, **hp)
+    slow = _pair(model, tok, fast=False, replay=False, **hp)
     assert fast.fast and not slow.fast and fast.steps == slow.steps == [5, 5, 5]
     torch.testing.assert_close(fast.mlp, slow.mlp, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fast.attn, slow.attn, rtol=1e-5, atol=1e-5)

@@ -1,4 +1,5 @@
-"""The target vector of ROME (v*: δ on an MLP output) and MEMIT/AlphaEdit (z: δ on a block output).
+"""The target vector of ROME (v*: δ on an MLP output), MEMIT/AlphaEdit (z: δ on a block output) and
+PMET (δ on the attention and the MLP output of one layer together).
 
 docs/algorithms/target-optimisation.md: ROME's v* (Meng et al. 2022, "Locating and Editing Factual
 Associations in GPT") and its MEMIT variant (Meng et al. 2023, "Mass-Editing Memory in a
@@ -19,7 +20,8 @@ Transformer"). ``optimize_targets`` runs, and this module reads, in this order:
 4. ``run_loop``: Adam on a float32 δ (cast to the hidden dtype where ``DeltaForward`` adds it),
    ``target_loss`` = mean target NLL + ``kl_factor``·KL(P_δ‖P_0) at the KL read +
    ``weight_decay``·‖δ‖/‖v_init‖², early stop per request (stopped requests leave the batch),
-   ``adam_step`` with the norm clamp.
+   ``adam_step`` with the norm clamp. With several sites (PMET's ``"attn+mlp"``) δ is their
+   concatenation; the decay and the clamp act per site against that site's own ‖v_init‖.
 
 The model is left as it was found: hooks are removed on exit and the gradient is taken with
 ``torch.autograd.grad`` with respect to δ only, so no ``.grad`` lands on a parameter.
@@ -45,6 +47,9 @@ from harness.tokens import pad_id
 from harness.types import EditRequest
 
 log = logging.getLogger(__name__)
+
+# where δ goes: the ModelSpec templates of its sites, in δ's column order
+SITES = {"mlp": ("mlp",), "block": ("layer",), "attn+mlp": ("attn", "mlp")}
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,8 @@ class TargetResult:
     Attributes:
         target: ``v_init + delta`` (ROME's v*, MEMIT's z).
         v_init: the unmodified MLP output (``mlp``) or block output (``block``) at the subject's
-            last token of the first template's prompt.
+            last token of the first template's prompt; for ``attn+mlp`` [attention output | MLP
+            output], [2d].
         delta: the optimised δ.
         losses, nll: total loss and its NLL part at every evaluated iteration (step 0 first).
         steps: Adam steps taken.
@@ -132,8 +138,10 @@ def optimize_targets(model: nn.Module, tok: Any, spec: ModelSpec, requests: Sequ
         spec, layer, hp: the model's architecture facts, the edited layer, the optimisation settings.
         templates: context templates (flat or grouped; flattened in order, the first one gives
             ``v_init`` and should be ``"{}"``).
-        where: ``"mlp"`` (ROME: δ on the output of ``spec.mlp`` at ``layer``) or ``"block"`` (MEMIT:
-            δ on the output hidden state of block ``layer``).
+        where: ``"mlp"`` (ROME: δ on the output of ``spec.mlp`` at ``layer``), ``"block"`` (MEMIT:
+            δ on the output hidden state of block ``layer``) or ``"attn+mlp"`` (PMET: δ = [δ_attn |
+            δ_mlp] on the outputs of ``spec.attn`` and ``spec.mlp`` at ``layer``, each decayed and
+            clamped against its own initial norm).
         fast: cache the prompts' prefixes (up to the subject) and run only the suffixes each step;
             ``False`` runs the full model with hooks every step (the reference path).
         replay: after the first step, skip the blocks below the δ site (and the site block itself
@@ -146,8 +154,8 @@ def optimize_targets(model: nn.Module, tok: Any, spec: ModelSpec, requests: Sequ
     Raises:
         ValueError: bad ``where``/layers, or a subject that cannot be located.
     """
-    if where not in ("mlp", "block"):
-        raise ValueError(f"where={where!r}: use 'mlp' (ROME) or 'block' (MEMIT)")
+    if where not in SITES:
+        raise ValueError(f"where={where!r}: use 'mlp' (ROME), 'block' (MEMIT) or 'attn+mlp' (PMET)")
     if not requests:
         return []
     last = num_layers(model) - 1
@@ -157,8 +165,8 @@ def optimize_targets(model: nn.Module, tok: Any, spec: ModelSpec, requests: Sequ
     t_start = time.perf_counter()
     b = build_rows(tok, requests, [t for g in as_template_groups(templates) for t in g], model_device(model))
     full = full_layout(b)
-    site = get_module(model, spec.mlp.format(layer) if where == "mlp" else spec.layer.format(layer))
-    fwd = DeltaForward(model, spec, site, get_module(model, spec.layer.format(loss_layer)), b.row_req)
+    sites = [get_module(model, getattr(spec, s).format(layer)) for s in SITES[where]]
+    fwd = DeltaForward(model, spec, sites, get_module(model, spec.layer.format(loss_layer)), b.row_req)
     ref, v_init = reference_pass(fwd, b, full)
     below = range(layer + (where == "block"))
     if replay and len(below):
@@ -180,29 +188,36 @@ def optimize_targets(model: nn.Module, tok: Any, spec: ModelSpec, requests: Sequ
 class DeltaForward:
     """Logits at a view's reads with δ_j added at the subject's last token of request j's rows.
 
-    ``attach`` registers the hooks on ``hooks``: ``add_delta`` on the edit site, ``stop_at_loss``
+    With k sites, δ_j is their concatenation: site i gets the i-th of k equal column blocks.
+    ``attach`` registers the hooks on ``hooks``: ``add_delta`` on each edit site, ``stop_at_loss``
     on the loss block (it keeps the block's output and ends the forward: the blocks above and the
     full-vocabulary logits are not needed; ``head`` maps the kept states at the reads to logits).
     """
 
-    def __init__(self, model: nn.Module, spec: ModelSpec, site: nn.Module, loss_block: nn.Module,
-                 row_req: torch.Tensor) -> None:
-        self.model, self.site, self.loss_block, self.row_req = model, site, loss_block, row_req
+    def __init__(self, model: nn.Module, spec: ModelSpec, sites: nn.Module | Sequence[nn.Module],
+                 loss_block: nn.Module, row_req: torch.Tensor) -> None:
+        self.sites = [sites] if isinstance(sites, nn.Module) else list(sites)
+        self.model, self.loss_block, self.row_req = model, loss_block, row_req
         self.head = logit_head(model, spec)
         self.sub: Optional[torch.Tensor] = None  # per row of the running view: where δ goes
         self.row_delta: Optional[torch.Tensor] = None  # per row: its request's δ
         self.hidden: Optional[torch.Tensor] = None  # the loss block's output in the running forward
         self.replay: Optional[BlockReplay] = None  # the blocks below the site, skipped after step 0
 
-    def add_delta(self, _m: nn.Module, _args: tuple, out: Any) -> Any:
-        return replace_hidden(out, add_at(hidden_of(out), self.sub, self.row_delta))
+    def add_delta(self, site: int) -> Any:
+        """The output hook of site ``site``: adds its block of δ."""
+        def hook(_m: nn.Module, _args: tuple, out: Any) -> Any:
+            row_delta = self.row_delta if len(self.sites) == 1 else self.row_delta.chunk(len(self.sites), dim=1)[site]
+            return replace_hidden(out, add_at(hidden_of(out), self.sub, row_delta))
+        return hook
 
     def stop_at_loss(self, _m: nn.Module, _args: tuple, out: Any) -> None:
         self.hidden = hidden_of(out)
         raise StopForward
 
     def attach(self, hooks: Hooks) -> None:
-        hooks.output(self.site, self.add_delta)
+        for i, site in enumerate(self.sites):
+            hooks.output(site, self.add_delta(i))
         hooks.output(self.loss_block, self.stop_at_loss)
 
     def __call__(self, v: View, delta: torch.Tensor) -> torch.Tensor:
@@ -227,15 +242,25 @@ class DeltaForward:
 
 @torch.no_grad()
 def reference_pass(fwd: DeltaForward, b: PromptRows, full: Layout) -> tuple[torch.Tensor, torch.Tensor]:
-    """One full forward with δ = 0: (the logits at every read, v_init [n, d] float32)."""
-    n = len(b.first_row)
-    seen: list[torch.Tensor] = []
+    """One full forward with δ = 0: (the logits at every read, v_init [n, k·d] float32: the k sites'
+    outputs side by side)."""
+    n, k = len(b.first_row), len(fwd.sites)
+    seen: dict[int, torch.Tensor] = {}
+
+    def keep(i: int) -> Any:
+        def hook(_m: nn.Module, _a: tuple, out: Any) -> None:  # returns None: the output is left as it is
+            seen.setdefault(i, hidden_of(out).detach())
+        return hook
+
     with Hooks() as hooks:
-        hooks.output(fwd.site, lambda _m, _a, out: seen.append(hidden_of(out).detach()))
+        for i, site in enumerate(fwd.sites):
+            hooks.output(site, keep(i))
         fwd.attach(hooks)
         ref = fwd(select(b, full, torch.ones(n, dtype=torch.bool, device=b.ids.device)),
-                  torch.zeros(n, 1, device=b.ids.device))
-    return ref, torch.stack([seen[0][r, b.sub[r]] for r in b.first_row]).float().to(b.ids.device)
+                  torch.zeros(n, k, device=b.ids.device))
+    first = torch.tensor(b.first_row, device=b.ids.device)
+    parts = [seen[i][first.to(seen[i].device), b.sub[first].to(seen[i].device)] for i in range(k)]
+    return ref, torch.cat(parts, dim=1).float().to(b.ids.device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,15 +279,17 @@ class Progress:
 
 def run_loop(fwd: DeltaForward, b: PromptRows, full: Layout, fast: Optional[Layout], ref: torch.Tensor,
              v_init: torch.Tensor, hp: TargetHparams) -> tuple[torch.Tensor, Progress, bool]:
-    """Optimise δ [n, d] from zero on the ``fast`` layout if given (else ``full``).
+    """Optimise δ [n, k·d] (k = ``len(fwd.sites)``) from zero on the ``fast`` layout if given (else
+    ``full``); the decay and the clamp act per site against its own block of ``v_init``.
 
     Returns:
         (δ detached, the progress, whether the fast path was used to the end).
     """
     delta = torch.zeros_like(v_init, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hp.lr)
-    max_norm = hp.clamp_norm_factor * v_init.norm(dim=1)
-    v_norm2 = v_init.norm(dim=1) ** 2
+    v_norm = site_norms(v_init, len(fwd.sites))  # [n, k]
+    max_norm = hp.clamp_norm_factor * v_norm
+    v_norm2 = v_norm ** 2
     n = len(v_init)
     prog = Progress(torch.ones(n, dtype=torch.bool, device=v_init.device), [[] for _ in range(n)],
                     [[] for _ in range(n)], [0] * n)
@@ -310,7 +337,8 @@ def run_loop(fwd: DeltaForward, b: PromptRows, full: Layout, fast: Optional[Layo
 def target_loss(logits: torch.Tensor, v: View, b: PromptRows, delta: torch.Tensor, kl_init: torch.Tensor,
                 v_norm2: torch.Tensor, hp: TargetHparams) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, nll) per request of the view: mean target NLL over the request's prompts and target
-    tokens + ``kl_factor``·KL(P_δ ‖ P_0) at its KL read + ``weight_decay``·‖δ‖/‖v_init‖²."""
+    tokens + ``kl_factor``·KL(P_δ ‖ P_0) at its KL read + ``weight_decay``·Σ_sites ‖δ_s‖/‖v_s‖²
+    (``v_norm2`` [n, k]: the squared initial norm per site)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     is_nll = v.labels >= 0
     tok_nll = -logp[is_nll].gather(1, v.labels[is_nll, None]).squeeze(1)
@@ -318,19 +346,26 @@ def target_loss(logits: torch.Tensor, v: View, b: PromptRows, delta: torch.Tenso
     nll = nll / b.n_labels[v.req]
     kl_logp = logp[~is_nll]  # one KL read per request, in request order
     kl = (kl_logp.exp() * (kl_logp - kl_init[v.req])).sum(-1)
-    loss = nll + hp.kl_factor * kl + hp.weight_decay * delta[v.req].norm(dim=1) / v_norm2[v.req]
+    decay = (hp.weight_decay * site_norms(delta[v.req], v_norm2.shape[1]) / v_norm2[v.req]).sum(1)
+    loss = nll + hp.kl_factor * kl + decay
     return loss, nll
 
 
 def adam_step(opt: torch.optim.Optimizer, delta: torch.Tensor, loss: torch.Tensor, active: torch.Tensor,
               max_norm: torch.Tensor) -> None:
-    """One Adam step on δ from ``loss``; stopped rows keep their δ; then the norm clamp per row."""
+    """One Adam step on δ from ``loss``; stopped rows keep their δ; then the norm clamp per row and
+    site (``max_norm`` [n, k]: each of δ's k column blocks is clamped to its own bound)."""
     (grad,) = torch.autograd.grad(loss, [delta])
     with torch.no_grad():
         kept = delta.detach().clone()
         delta.grad = grad
         opt.step()
         delta[~active] = kept[~active]  # Adam's momentum must not move a stopped δ
-        norm = delta.norm(dim=1)
+        norm = site_norms(delta, max_norm.shape[1])
         scale = torch.where(norm > max_norm, max_norm / norm.clamp_min(1e-30), torch.ones_like(norm))
-        delta.mul_(scale[:, None])
+        delta.unflatten(1, (max_norm.shape[1], -1)).mul_(scale[:, :, None])
+
+
+def site_norms(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The norms of the k equal column blocks of each row of ``x`` [n, k·d]: [n, k]."""
+    return x.unflatten(1, (k, -1)).norm(dim=2)
