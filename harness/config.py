@@ -141,7 +141,8 @@ class ProbesConfig:
             multiple-choice file for ``mc_accuracy`` (null: NaN); used when a config names the family.
         consistency_idf, consistency_vocab, consistency_snippets: the ``consistency`` family's
             reference files (ROME's ``idf.npy``, ``tfidf_vocab.json``, ``attribute_snippets.json``;
-            see ``harness.probes.consistency``); used when a config names the family.
+            see ``harness.probes.consistency``); used when a config names the family (its
+            ``essence_score`` alone reads only the snippets file).
         consistency_max_length, consistency_max_prompts: its generation settings; the probe
             configs set them to the fluency ones (``${.fluency_max_length}``) so both families
             read the same texts.

@@ -68,9 +68,11 @@ def check_paths(cfg: DictConfig) -> list[str]:
             problems.append(f"model.source: {str(path)!r} has no config.json (a Hugging Face model directory)")
     _need_file(problems, "data.path", OmegaConf.select(cfg, "data.path", throw_on_missing=False),
                f"the {cfg.data.kind} data file")
-    if "consistency" in (OmegaConf.select(cfg, "probes.metrics") or []):
-        for key, what in (("idf", "ROME's idf.npy"), ("vocab", "ROME's tfidf_vocab.json"),
-                          ("snippets", "ROME's attribute_snippets.json")):
+    metrics = OmegaConf.select(cfg, "probes.metrics") or []
+    files = (("idf", "ROME's idf.npy"), ("vocab", "ROME's tfidf_vocab.json"),
+             ("snippets", "ROME's attribute_snippets.json"))
+    if "consistency" in metrics or "essence_score" in metrics:  # essence_score alone reads the snippets only
+        for key, what in files if "consistency" in metrics else files[2:]:
             _need_file(problems, f"probes.consistency_{key}",
                        OmegaConf.select(cfg, f"probes.consistency_{key}", throw_on_missing=False), what)
     stats = OmegaConf.select(cfg, "algorithm.hparams.stats.source", throw_on_missing=False)

@@ -338,6 +338,8 @@ USER_BAD = {
     "unknown field": (_set("paraphrase_prompt", ["typo"]), "paraphrase_prompt", "unknown"),
     "both neighborhood forms": (_set("neighborhood_prompts", ["x"]), "neighborhood_prompts", "not both"),
     "portability without answers": (lambda r: _drop(r, "portability_answers"), "portability_answers", "missing"),
+    "true id without true target": (lambda r: (_drop(r, "target_true"), r.update(target_true_id="Q90")),
+                                    "target_true_id", "without target_true"),
 }
 
 
@@ -362,6 +364,35 @@ def test_user_invalid(tmp_path, fmt, case):
     assert_names(exc, path, 1, field)
     loaded = load_requests(fmt, path, skip_invalid=True)
     assert [r.case_id for r in loaded] == ["a", "2"] and loaded.skipped[0].index == 1
+
+
+IDS = {"relation_id": "P36", "target_new_id": " Q456", "target_true_id": 90}  # an integer id, a padded one
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_user_ids_reach_the_request(tmp_path, fmt):
+    """relation_id, target_new_id and target_true_id (optional) are read as stripped text, as the
+    ROME layout's ids; records without them keep None."""
+    records = copy.deepcopy(USER)
+    records[1].update(IDS)
+    records[0]["relation_id"] = "P641"
+    path = write_jsonl(tmp_path, records) if fmt == "jsonl" else write_csv(tmp_path, records)
+    a, b, c = load_requests(fmt, path)
+    assert (b.relation_id, b.target_new_id, b.target_true_id) == ("P36", "Q456", "90")
+    assert (a.relation_id, a.target_new_id, a.target_true_id) == ("P641", None, None)
+    assert (c.relation_id, c.target_new_id, c.target_true_id) == (None, None, None)
+
+
+@pytest.mark.parametrize("field,value", [("relation_id", ["P36"]), ("target_new_id", "  "), ("target_true_id", True),
+                                         ("relation_id", 3.5), ("target_new_id", {"id": "Q1"})])
+def test_user_bad_ids_name_file_line_and_field(tmp_path, field, value):
+    records = copy.deepcopy(USER)
+    records[1][field] = value
+    path = write_jsonl(tmp_path, records)
+    with pytest.raises(DataError, match="expected a non-empty string or integer id") as exc:
+        load_requests("jsonl", path)
+    assert_names(exc, path, 1, field)
+    assert exc.value.line == 2 and f": line 2 (record 2): field {field!r}" in str(exc.value)
 
 
 def test_user_malformed_lines_and_cells(tmp_path):

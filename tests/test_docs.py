@@ -24,7 +24,7 @@ SOURCES = ("harness", "tests", "bench", "conf")
 ALGORITHM_PAGES = {"ft_m": "ft.md"}  # pages that document more than one algorithm
 PROTOCOL_PAGES = {"counterfact": "counterfact.md", "easyedit": "easyedit.md", "generation": "fluency.md",
                   "wild": "wild.md", "wild_judge": "wild.md", "capability": "capability.md",
-                  "consistency": "consistency.md"}
+                  "consistency": "consistency.md", "essence": "consistency.md"}
 CELL_SPLIT = re.compile(r"(?<!\\)\|")
 
 

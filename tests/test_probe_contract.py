@@ -60,17 +60,17 @@ REQUESTS = [
                 neighborhood=(QA("The mother tongue of Jean Gabin is", "French"),),
                 portability=(QA("The language Danielle Darrieux dreams in is", "English"),),
                 generation_prompts=("Danielle Darrieux was", "Darrieux often said"), relation_id="P103",
-                target_new_id="Q1860"),
+                target_new_id="Q1860", target_true_id="Q150"),
     EditRequest(case_id="b", prompt="{} plays the", subject="Toko Yasuda", target_new="piano", target_true="guitar",
                 paraphrase_prompts=("Toko Yasuda is a player of the",),
                 neighborhood=(QA("Jimi Hendrix plays the", "guitar"), QA("Miles Davis plays the", "trumpet")),
                 portability=(QA("The instrument in Toko Yasuda's hands is the", "piano"),),
-                generation_prompts=("Toko Yasuda",), relation_id="P1303", target_new_id="Q5994"),
+                generation_prompts=("Toko Yasuda",), relation_id="P1303", target_new_id="Q5994", target_true_id="Q6607"),
     EditRequest(case_id="c", prompt="The capital of {} is", subject="France", target_new="the city of Lyon",
                 target_true="Paris", paraphrase_prompts=("France's capital city is",),
                 neighborhood=(QA("The capital of Spain is", "Madrid"),),
                 portability=(QA("The seat of the French government is in", "the city of Lyon"),),
-                generation_prompts=("France is",), relation_id="P36", target_new_id="Q456"),
+                generation_prompts=("France is",), relation_id="P36", target_new_id="Q456", target_true_id="Q90"),
 ]
 
 
@@ -82,10 +82,14 @@ def _consistency_files(root: Path) -> dict[str, str]:
     words = ["danielle", "darrieux", "was", "toko", "yasuda", "france", "is", "english", "piano", "lyon"]
     np.save(root / "idf.npy", np.linspace(0.5, 3.0, len(words)))
     (root / "vocab.json").write_text(json.dumps({w: i for i, w in enumerate(words)}))
-    (root / "snippets.json").write_text(json.dumps([
-        {"relation_id": rel, "target_id": tid, "samples": [{"name": "n", "text": text}]}
-        for rel, tid, text in (("P103", "Q1860", "Danielle Darrieux was English"),
-                               ("P1303", "Q5994", "Toko Yasuda and the piano"), ("P36", "Q456", "France is Lyon"))]))
+    (root / "snippets.json").write_text(json.dumps([  # the new objects' passages, then the subjects' own
+        {"relation_id": rel, "target_id": tid, "samples": [{"name": name, "text": text}]}
+        for rel, tid, name, text in (("P103", "Q1860", "n", "Danielle Darrieux was English"),
+                                     ("P1303", "Q5994", "n", "Toko Yasuda and the piano"),
+                                     ("P36", "Q456", "n", "France is Lyon"),
+                                     ("P103", "Q150", "Danielle Darrieux", "Danielle Darrieux was a French actress"),
+                                     ("P1303", "Q6607", "Toko Yasuda", "Toko Yasuda plays the guitar"),
+                                     ("P36", "Q90", "France", "France is a country whose capital is Paris"))]))
     return {"idf": str(root / "idf.npy"), "vocab": str(root / "vocab.json"), "snippets": str(root / "snippets.json")}
 
 

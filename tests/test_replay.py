@@ -8,7 +8,8 @@ import torch
 from harness.algorithms import target, target_rows
 from harness.algorithms.replay import BlockReplay, fresh_cache
 from harness.algorithms.target import TargetHparams, optimize_target, optimize_targets
-from harness.models import get_module, load_model, model_spec
+from harness.models import get_module, load_model, model_spec, output_cache
+from harness.tokens import pad_batch, pad_id
 from harness.types import EditRequest
 
 REQ = EditRequest(case_id="1", prompt="The mother tongue of {} is", subject="Danielle Darrieux", target_new="English")
@@ -125,3 +126,31 @@ def test_a_dispatched_model_runs_end_to_end(tmp_path):
     ov = ["experiment=smoke", "threads=1", "data.limit=2", "model.device_map=auto"]
     result = run(to_config(compose_config(ov)), tmp_path, ov, cache=ModelCache(), progress=False)
     assert result.n_errors == 0 and result.n_cases == 2
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_the_prefix_pass_builds_the_plain_forwards_cache_without_logits(arch):
+    """split_at_subject's prefix pass: the same KV cache, bit for bit, as the plain forward that
+    computes every logit, while the unembedding projects no position (and the KN prefix too)."""
+    model, tok = _tiny(arch)
+    spec = model_spec(model)
+    b = target_rows.build_rows(tok, BATCH, TPL, torch.device("cpu"))
+    pad = pad_id(tok)
+    projected: list[tuple[int, ...]] = []
+    unembed = get_module(model, spec.unembed)
+    handle = unembed.register_forward_hook(lambda _m, _a, out: projected.append(tuple(out.shape)))
+    try:
+        cut = target_rows.split_at_subject(model, b, pad)
+    finally:
+        handle.remove()
+    assert len(projected) == 1 and projected[0][:2] == (b.ids.shape[0], 0)  # [B, 0, V]: no logits
+    # the plain forward over the same prefixes (what split_at_subject ran before)
+    pre, pre_attn = pad_batch([r[:s] for r, s in zip(b.ids.tolist(), b.sub.tolist())], pad, side="left")
+    with torch.no_grad():
+        out = model(input_ids=pre, attention_mask=pre_attn, position_ids=(pre_attn.cumsum(1) - 1).clamp(min=0),
+                    use_cache=True)
+    assert out.logits.shape[1] == pre.shape[1]  # the plain forward does project every position
+    ref = output_cache(out)
+    assert len(cut.cache.layers) == len(ref.layers) > 0
+    for got, want in zip(cut.cache.layers, ref.layers):
+        assert torch.equal(got.keys, want.keys) and torch.equal(got.values, want.values)

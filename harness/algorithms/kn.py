@@ -45,7 +45,8 @@ from harness.algorithms.base import EditAlgorithm, register, write_deltas
 from harness.algorithms.hparams import build_blocks
 from harness.algorithms.hooks import Hooks, first_input, model_device
 from harness.algorithms.locate import TemplateCache, TemplateHparams, fill_template
-from harness.models import cache_kwargs, get_module, model_spec, num_layers, output_cache
+from harness.algorithms.replay import prefix_cache
+from harness.models import cache_kwargs, get_module, model_spec, num_layers
 from harness.tokens import encode_pairs
 from harness.types import EditReport, EditRequest
 
@@ -213,10 +214,8 @@ class KnowledgeNeurons(EditAlgorithm):
         prefix, last = list(ids[:-1]), ids[-1]
         b = hp.batch_size
         cache = None
-        if prefix:
-            with torch.no_grad():
-                out = model(input_ids=torch.tensor([prefix] * b, device=dev), use_cache=True)
-            cache = output_cache(out)
+        if prefix:  # its logits are not read: prefix_cache computes none
+            cache = prefix_cache(model, input_ids=torch.tensor([prefix] * b, device=dev))
         last_ids = torch.full((b, 1), last, dtype=torch.long, device=dev)
         outs: dict[int, torch.Tensor] = {}
 

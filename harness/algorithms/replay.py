@@ -14,10 +14,14 @@ step with only δ changing, and δ enters at one site: block ``layer``'s MLP out
 * ``fresh_cache``: the prefixes' KV cache as the prefixes left it. A ``DynamicCache`` of plain
   ``DynamicLayer`` s appends by concatenation (a new tensor; the old one is never written to), so a
   shallow copy of its layers is enough; any other cache is deep-copied, as before.
+* ``prefix_cache``: the KV cache of a forward over the prefixes, computing no logits: only the
+  cache is read, and full-vocabulary logits at every prefix position (SmolLM2: 49,152 per token)
+  would be the costliest part of that forward.
 """
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Optional
@@ -27,6 +31,7 @@ from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from harness.algorithms.hooks import hidden_of, replace_hidden
+from harness.models import output_cache
 
 _MISSING = object()
 
@@ -42,6 +47,27 @@ def fresh_cache(cache: Any) -> Any:
         out.layers = [copy.copy(x) for x in layers]
         return out
     return copy.deepcopy(cache)
+
+
+@torch.no_grad()
+def prefix_cache(model: nn.Module, **kwargs: Any) -> Any:
+    """The KV cache of ``model(**kwargs, use_cache=True)``, with no logits computed.
+
+    Where the forward takes transformers' ``logits_to_keep``, an empty index keeps no position: the
+    unembedding gets ``[B, 0, d]`` and returns ``[B, 0, V]``, and the cache is the one the full
+    forward builds (the blocks run unchanged; the logits come after them). A model without
+    ``logits_to_keep`` computes its logits, which are dropped.
+
+    Args:
+        model: a causal LM.
+        kwargs: the forward's inputs (``input_ids``, ``attention_mask``, ``position_ids``, ...).
+
+    Returns:
+        The cache the forward returned (``cache`` or ``past_key_values``).
+    """
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = torch.zeros(0, dtype=torch.long)  # a CPU index is valid on any device
+    return output_cache(model(**kwargs, use_cache=True))
 
 
 class BlockReplay:

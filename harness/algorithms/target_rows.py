@@ -22,8 +22,7 @@ import torch
 from torch import nn
 
 from harness.algorithms.locate import fill_template, subject_last_index
-from harness.algorithms.replay import fresh_cache
-from harness.models import output_cache
+from harness.algorithms.replay import fresh_cache, prefix_cache
 from harness.tokens import encode_pairs, pad_batch, pad_id
 from harness.types import EditRequest
 
@@ -104,15 +103,16 @@ def full_layout(b: PromptRows) -> Layout:
 def split_at_subject(model: nn.Module, b: PromptRows, pad: int) -> Layout:
     """The fast path: every row cut before its subject's last token; the prefixes (left-padded) run
     once into a KV cache, and the suffixes (right-padded) are what each step runs, δ at their first
-    token. Hidden states of prefix tokens never depend on δ (causal attention)."""
+    token. Hidden states of prefix tokens never depend on δ (causal attention). The prefix pass
+    computes no logits (``replay.prefix_cache``): only its cache is read."""
     dev = b.ids.device
     rows, lens, sub = b.ids.tolist(), b.attn.sum(1).tolist(), b.sub.tolist()
     pre, pre_attn = (x.to(dev) for x in pad_batch([r[:s] for r, s in zip(rows, sub)], pad, side="left"))
     suf, suf_attn = (x.to(dev) for x in pad_batch([r[s:n] for r, n, s in zip(rows, lens, sub)], pad))
     cache = None
     if pre.shape[1]:  # else every subject ends at token 0: nothing to cache
-        cache = output_cache(model(input_ids=pre, attention_mask=pre_attn,
-                                   position_ids=(pre_attn.cumsum(1) - 1).clamp(min=0), use_cache=True))
+        cache = prefix_cache(model, input_ids=pre, attention_mask=pre_attn,
+                             position_ids=(pre_attn.cumsum(1) - 1).clamp(min=0))
     return Layout(ids=suf, attn=torch.cat([pre_attn, suf_attn], 1), sub=torch.zeros_like(b.sub),
                   read_pos=b.read_pos - b.sub[b.read_rows],
                   pos=b.sub[:, None] + torch.arange(suf.shape[1], device=dev)[None], cache=cache)

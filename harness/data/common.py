@@ -149,6 +149,16 @@ class Record:
             raise self.error("case_id", f"expected an integer or a non-empty string, got {value!r}")
         return str(value).strip()
 
+    def optional_id(self, field: str) -> str | None:
+        """An optional identifier (a non-blank string or an integer, e.g. a Wikidata ``P103``/``Q150``)
+        as a stripped string; absent or null gives None."""
+        if not self.has(field):
+            return None
+        value = self.raw[field]
+        if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
+            raise self.error(field, f"expected a non-empty string or integer id, got {value!r}")
+        return str(value).strip()
+
     def texts(self, field: str, *, required: bool = False) -> tuple[str, ...]:
         """A list of non-blank strings; a single string is taken as a one-element list."""
         if not self.has(field):

@@ -70,28 +70,18 @@ def parse_rome(record: Record) -> EditRequest:
         paraphrase_prompts=record.texts("paraphrase_prompts", required=True),
         neighborhood=record.qa_items("neighborhood_prompts", target_true),
         generation_prompts=record.texts("generation_prompts"),
-        relation_id=_optional_id(rewrite, "relation_id"),
+        relation_id=rewrite.optional_id("relation_id"),
         target_new_id=_target_id(rewrite, "target_new"),
         target_true_id=_target_id(rewrite, "target_true"),
         attribute_prompts=record.texts("attribute_prompts"),
     )
 
 
-def _optional_id(record: Record, field: str) -> str | None:
-    """An optional identifier (string or integer) as a stripped string; None when absent."""
-    if not record.has(field):
-        return None
-    value = record.raw[field]
-    if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
-        raise record.error(field, f"expected a non-empty string or integer id, got {value!r}")
-    return str(value).strip()
-
-
 def _target_id(rewrite: Record, field: str) -> str | None:
     """The ``id`` of a ``{"str", "id"}`` target; None for a plain-string target or no id."""
     if not isinstance(rewrite.raw.get(field), dict):
         return None
-    return _optional_id(rewrite.sub(field), "id")
+    return rewrite.sub(field).optional_id("id")
 
 
 def _target(rewrite: Record, field: str) -> str:

@@ -1,6 +1,7 @@
 """Your own edit requests, as JSON Lines or CSV (``kind="jsonl"``, ``"csv"``, or ``"user"`` to choose
 by the file's extension: ``.jsonl``/``.ndjson`` JSON Lines, ``.csv`` CSV, ``.json`` a JSON array of
-the same objects). Examples: ``harness/data/samples/user-example.jsonl`` and ``user-example.csv``.
+the same objects). Examples: ``harness/data/samples/user-example.jsonl`` and ``user-example.csv``;
+the same table with examples in docs/data.md.
 
 One record per JSONL line (blank lines ignored) or per CSV data row, with these fields/columns:
 
@@ -23,13 +24,21 @@ portability            no        list of ``{"prompt": ..., "answer": ...}``
 portability_prompts    no        instead of ``portability``: list of prompts ...
 portability_answers    no        ... and their answers (required with portability_prompts)
 generation_prompts     no        list of prompts for free generation
+relation_id            no        the fact's relation id (a string or an integer, e.g. Wikidata
+                                 ``P103``); with ``target_new_id`` it selects the ``consistency``
+                                 probe's reference snippets
+target_new_id          no        the new object's id (e.g. Wikidata ``Q1860``)
+target_true_id         no        the true object's id (e.g. ``Q150``; needs ``target_true``); with
+                                 ``relation_id`` it selects the snippets of ``essence_score``
 =====================  ========  =================================================================
 
 In JSONL, lists are JSON arrays (a single string is taken as a one-element list) and null means
 absent. In CSV every cell is text: an empty cell means absent; a list column holds a JSON array
 (``["first prompt", "second prompt"]``; a cell not starting with ``[`` is one single item); the
 ``neighborhood``/``portability`` columns hold a JSON array of objects. Unknown fields or columns
-are an error, so that a misspelt optional column is not silently ignored.
+are an error, so that a misspelt optional column is not silently ignored. An id is a non-blank
+string or (JSONL) an integer, stored as text with surrounding whitespace stripped (the ROME-layout
+CounterFact's ``relation_id``, ``target_new.id`` and ``target_true.id``); docs/data.md.
 """
 from __future__ import annotations
 
@@ -45,8 +54,9 @@ FIELDS = (
     "case_id", "prompt", "subject", "target_new", "target_true", "paraphrase_prompts",
     "neighborhood", "neighborhood_prompts", "neighborhood_answers",
     "portability", "portability_prompts", "portability_answers", "generation_prompts",
+    "relation_id", "target_new_id", "target_true_id",
 )
-LIST_FIELDS = frozenset(FIELDS[5:])
+LIST_FIELDS = frozenset(FIELDS[5:13])  # paraphrase_prompts ... generation_prompts
 SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".json": "json"}
 
 
@@ -108,8 +118,9 @@ def parse_user(record: Record) -> EditRequest:
     """One user record (JSONL object or CSV row) -> ``EditRequest``; see the module docstring.
 
     Raises:
-        DataError: an unknown or missing field, a wrong type, an empty target, a prompt lacking
-            its subject or holding more than one ``{}``, a CSV list cell that is not a JSON array.
+        DataError: an unknown or missing field, a wrong type, an empty target or id, a prompt
+            lacking its subject or holding more than one ``{}``, a CSV list cell that is not a JSON
+            array, a ``target_true_id`` without ``target_true``.
     """
     if isinstance(record.raw, _CsvRow):
         record = Record(_decode_csv_row(record), record.path, record.index, line=record.line)
@@ -119,6 +130,8 @@ def parse_user(record: Record) -> EditRequest:
     subject = record.text("subject")
     prompt = record.text("prompt")
     target_true = record.optional_target("target_true")
+    if record.has("target_true_id") and target_true is None:
+        raise record.error("target_true_id", "given without target_true, the object it identifies")
     return make_request(
         record,
         case_id=record.case_id(record.index),
@@ -130,6 +143,9 @@ def parse_user(record: Record) -> EditRequest:
         neighborhood=_pairs(record, "neighborhood", target_true),
         portability=_pairs(record, "portability", None),
         generation_prompts=record.texts("generation_prompts"),
+        relation_id=record.optional_id("relation_id"),
+        target_new_id=record.optional_id("target_new_id"),
+        target_true_id=record.optional_id("target_true_id"),
     )
 
 

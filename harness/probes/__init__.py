@@ -4,7 +4,7 @@ family's (prompt, target) pairs in shared batched forward passes.
 
 Built-in families: ``counterfact`` (probabilities of the ROME paper, Meng et al. 2022), ``easyedit``
 (teacher-forced token accuracies, Wang et al. 2024), ``fluency`` (generation entropy; opt-in), ``consistency`` (ROME's TF-IDF
-reference score; opt-in, needs ROME's files), ``wild`` (generation-based EM/F1, Yang et al. 2025; opt-in), ``capability``
+reference score and essence perplexity; opt-in, needs ROME's files), ``wild`` (generation-based EM/F1, Yang et al. 2025; opt-in), ``capability``
 (perplexity on a text and multiple-choice accuracy, general capability along sequential runs; opt-in).
 Plugins register with ``@register_probe("name")`` or the ``harness.probes`` entry-point group.
 
