@@ -173,6 +173,28 @@ def test_training_writes_the_side_memory_only_inside_the_mask_and_routes_the_edi
     assert torch.allclose(alone[0], edited[0, :alone.shape[1]], atol=1e-5)  # padding in the batch changes nothing
 
 
+def test_project_out_keeps_the_side_memory_blind_to_the_common_activation_directions() -> None:
+    from harness.algorithms.wise_train import activation_basis, projection
+
+    model, tok = tiny_model("llama", n_layers=2)
+    module, weight, _ = projection(model, 1)
+    texts = ["Rivers are streams of fresh water", "The moon orbits the earth", "Paris is a city in France"]
+    basis = activation_basis(model, tok, module, texts, 4)
+    assert basis.shape == (weight.shape[1], 4)
+    assert torch.allclose(basis.T @ basis, torch.eye(4), atol=1e-5)
+    algo = Wise({**TINY, "project_out": 4, "irrelevant": {"path": None}})
+    report = algo.apply(model, tok, [REQ])
+    algo.detach(model)
+    delta = algo.memory.active.delta
+    assert bool((delta != 0).any()) and report.losses["loss_final"] < report.losses["loss_first"]
+    own = activation_basis(model, tok, module, algo._irrelevant, 4)
+    assert float((delta @ own).abs().max()) < 1e-5 * float(delta.abs().max())  # Δ a = 0 on the basis' span
+    with pytest.raises(ValueError, match="project_out must be in 1 .. "):
+        activation_basis(model, tok, module, texts, weight.shape[1])
+    with pytest.raises(ValueError, match="project_out must be >= 0"):
+        Wise(project_out=-1)
+
+
 def test_memory_state_round_trip_and_errors() -> None:
     from harness.algorithms.memory import MemoryState
 
