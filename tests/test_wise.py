@@ -195,7 +195,18 @@ def test_project_out_keeps_the_side_memory_blind_to_the_common_activation_direct
         Wise(project_out=-1)
 
 
-def test_memory_state_round_trip_and_errors() -> None:
+def test_margin_weight_scales_the_margin_losses_only() -> None:
+    model, tok = tiny_model("llama", n_layers=2)
+    reports = {}
+    for w in (0.0, 1.0):
+        algo = Wise({**TINY, "num_steps": 1, "margin_weight": w})
+        reports[w] = algo.apply(model, tok, [REQ])
+        algo.detach(model)
+    assert reports[0.0].losses["loss_first"] == pytest.approx(reports[0.0].losses["nll_final"])  # one step: the NLL alone
+    assert reports[1.0].losses["loss_first"] > reports[0.0].losses["loss_first"]  # Δ = 0 violates beta: margins count
+
+
+
     from harness.algorithms.memory import MemoryState
 
     model, tok = tiny_model("llama", n_layers=2)
@@ -264,6 +275,8 @@ def test_hyperparameters_are_checked() -> None:
         Wise(shard_size=3, merge_every=4)
     with pytest.raises(ValueError, match="beta > alpha"):
         Wise(alpha=5.0, beta=5.0)
+    with pytest.raises(ValueError, match="margin_weight must be a finite number >= 0"):
+        Wise(margin_weight=-1.0)
     with pytest.raises(TypeError, match=r"irrelevant\.pth"):
         Wise(irrelevant={"pth": "x"})
     model, tok = tiny_model("llama", n_layers=2)

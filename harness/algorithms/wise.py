@@ -104,6 +104,9 @@ class WiseHparams:
         lr: SGD learning rate on Δ (``edit_lr``).
         alpha, beta, gamma: margins: irrelevant scores below α, edit scores above β, and edit scores
             at least γ above the irrelevant ones (``act_margin``).
+        margin_weight: weight of the margin losses against the target NLL (the reference: 1). The
+            margins' gradient on Δ scales with the squared activation norm at the layer, the NLL's
+            much less, so one SGD step size cannot suit both on every model.
         act_ratio: ε = act_ratio · the smallest edit score of a memory.
         mask_ratio: ρ, the fraction of Δ's entries a shard may train.
         norm_constraint: Δ's entries are clamped to ±this; None: no clamp.
@@ -127,6 +130,7 @@ class WiseHparams:
     alpha: float = 5.0
     beta: float = 20.0
     gamma: float = 10.0
+    margin_weight: float = 1.0
     act_ratio: float = 0.88
     mask_ratio: float = 0.2
     norm_constraint: Optional[float] = 1.0
@@ -148,6 +152,8 @@ class WiseHparams:
         if min(self.alpha, self.beta, self.gamma) < 0 or self.beta <= self.alpha:
             raise ValueError(f"margins must be >= 0 with beta > alpha, got alpha={self.alpha} beta={self.beta} "
                              f"gamma={self.gamma}")
+        if not (self.margin_weight >= 0 and math.isfinite(self.margin_weight)):
+            raise ValueError(f"margin_weight must be a finite number >= 0, got {self.margin_weight}")
         if not 0 < self.act_ratio <= 1 or not 0 < self.mask_ratio <= 1 or not 0 < self.merge_density <= 1:
             raise ValueError(f"act_ratio, mask_ratio and merge_density must be in (0, 1], got {self.act_ratio}, "
                              f"{self.mask_ratio}, {self.merge_density}")

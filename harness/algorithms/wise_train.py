@@ -225,7 +225,8 @@ def train_shard(model: nn.Module, tok: Any, hook: WiseHook, module: nn.Module, m
             rows, cols = decide[:n_edit].nonzero(as_tuple=True)
             for _ in range(hp.num_steps):
                 nll = target_positions_nll(forward(rows, cols), edit, rows, cols)
-                loss = nll + margin_loss(running_mean(hook.scores), decide, n_edit, hp.alpha, hp.beta, hp.gamma)
+                loss = nll + hp.margin_weight * margin_loss(running_mean(hook.scores), decide, n_edit, hp.alpha, hp.beta,
+                                                             hp.gamma)
                 losses.append(float(loss.detach()))
                 if not math.isfinite(losses[-1]):
                     raise AlgorithmError(f"wise: non-finite loss at step {len(losses) - 1}")
