@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--at", default="1,10,100")
     ap.add_argument("--trial", action="append", default=[], help="';'-separated key=value list, one per trial")
+    ap.add_argument("--verbose", action="store_true", help="one line per edit (losses, scores, threshold)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -61,6 +62,11 @@ def main() -> None:
         for i, r in enumerate(reqs, 1):
             rep = algo.apply(model, tok, [r])
             seconds += rep.seconds
+            if args.verbose:
+                print(f"  edit {i}: loss {rep.losses['loss_first']:.2f} -> {rep.losses['loss_final']:.2f} nll "
+                      f"{rep.losses['nll_final']:.3f} edit_min {rep.info['edit_score_min']:.1f} irr_max "
+                      f"{rep.info['irrelevant_score_max']:.1f} eps {rep.info['threshold']:.1f} {rep.seconds:.1f}s",
+                      flush=True)
             if i in points:
                 post = probes.measure(model, tok, reqs[:i], reference=pre.subset(range(i)))  # apply left it attached
                 s = summarize(post.metrics)

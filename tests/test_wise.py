@@ -173,7 +173,40 @@ def test_training_writes_the_side_memory_only_inside_the_mask_and_routes_the_edi
     assert torch.allclose(alone[0], edited[0, :alone.shape[1]], atol=1e-5)  # padding in the batch changes nothing
 
 
-def test_memory_state_round_trip_and_errors() -> None:
+def test_project_out_keeps_the_side_memory_blind_to_the_common_activation_directions() -> None:
+    from harness.algorithms.wise_train import activation_basis, projection
+
+    model, tok = tiny_model("llama", n_layers=2)
+    module, weight, _ = projection(model, 1)
+    texts = ["Rivers are streams of fresh water", "The moon orbits the earth", "Paris is a city in France"]
+    basis = activation_basis(model, tok, module, texts, 4)
+    assert basis.shape == (weight.shape[1], 4)
+    assert torch.allclose(basis.T @ basis, torch.eye(4), atol=1e-5)
+    algo = Wise({**TINY, "project_out": 4, "irrelevant": {"path": None}})
+    report = algo.apply(model, tok, [REQ])
+    algo.detach(model)
+    delta = algo.memory.active.delta
+    assert bool((delta != 0).any()) and report.losses["loss_final"] < report.losses["loss_first"]
+    own = activation_basis(model, tok, module, algo._irrelevant, 4)
+    assert float((delta @ own).abs().max()) < 1e-5 * float(delta.abs().max())  # Δ a = 0 on the basis' span
+    with pytest.raises(ValueError, match="project_out must be in 1 .. "):
+        activation_basis(model, tok, module, texts, weight.shape[1])
+    with pytest.raises(ValueError, match="project_out must be >= 0"):
+        Wise(project_out=-1)
+
+
+def test_margin_weight_scales_the_margin_losses_only() -> None:
+    model, tok = tiny_model("llama", n_layers=2)
+    reports = {}
+    for w in (0.0, 1.0):
+        algo = Wise({**TINY, "num_steps": 1, "margin_weight": w})
+        reports[w] = algo.apply(model, tok, [REQ])
+        algo.detach(model)
+    assert reports[0.0].losses["loss_first"] == pytest.approx(reports[0.0].losses["nll_final"])  # one step: the NLL alone
+    assert reports[1.0].losses["loss_first"] > reports[0.0].losses["loss_first"]  # Δ = 0 violates beta: margins count
+
+
+
     from harness.algorithms.memory import MemoryState
 
     model, tok = tiny_model("llama", n_layers=2)
@@ -242,6 +275,8 @@ def test_hyperparameters_are_checked() -> None:
         Wise(shard_size=3, merge_every=4)
     with pytest.raises(ValueError, match="beta > alpha"):
         Wise(alpha=5.0, beta=5.0)
+    with pytest.raises(ValueError, match="margin_weight must be a finite number >= 0"):
+        Wise(margin_weight=-1.0)
     with pytest.raises(TypeError, match=r"irrelevant\.pth"):
         Wise(irrelevant={"pth": "x"})
     model, tok = tiny_model("llama", n_layers=2)

@@ -54,7 +54,7 @@ from harness.algorithms.finetune import seeded
 from harness.algorithms.locate import TemplateCache, TemplateHparams
 from harness.algorithms.memory import Installation, MemoryState
 from harness.algorithms.wise_memory import SideMemory, WiseHook, gradient_mask
-from harness.algorithms.wise_train import projection, train_shard
+from harness.algorithms.wise_train import activation_basis, projection, train_shard
 from harness.models import model_spec
 from harness.types import EditReport, EditRequest
 
@@ -104,6 +104,9 @@ class WiseHparams:
         lr: SGD learning rate on Δ (``edit_lr``).
         alpha, beta, gamma: margins: irrelevant scores below α, edit scores above β, and edit scores
             at least γ above the irrelevant ones (``act_margin``).
+        margin_weight: weight of the margin losses against the target NLL (the reference: 1). The
+            margins' gradient on Δ scales with the squared activation norm at the layer, the NLL's
+            much less, so one SGD step size cannot suit both on every model.
         act_ratio: ε = act_ratio · the smallest edit score of a memory.
         mask_ratio: ρ, the fraction of Δ's entries a shard may train.
         norm_constraint: Δ's entries are clamped to ±this; None: no clamp.
@@ -112,6 +115,10 @@ class WiseHparams:
         merge_density: TIES trim density (``densities``).
         retrieve: keep one merged memory per merge period and route to the highest score (WISE-Retrieve).
         early_stop_loss: stop a batch's training once its total loss is below this.
+        project_out: k > 0: every step on Δ is kept orthogonal, on its input side, to the top k
+            directions of the FFN activations of the irrelevant pool (``wise_train.activation_basis``),
+            so Δ answers to what is particular to an edit's activations, not to what all text shares;
+            0: off, as in the paper (docs/algorithms/wise.md, deviations).
         templates: context templates around the prompt (sampled from the base model in ``prepare``).
         irrelevant: the irrelevant inputs of the margin loss.
         seed: seeds the gradient masks (with the shard's index).
@@ -123,6 +130,7 @@ class WiseHparams:
     alpha: float = 5.0
     beta: float = 20.0
     gamma: float = 10.0
+    margin_weight: float = 1.0
     act_ratio: float = 0.88
     mask_ratio: float = 0.2
     norm_constraint: Optional[float] = 1.0
@@ -131,6 +139,7 @@ class WiseHparams:
     merge_density: float = 0.53
     retrieve: bool = False
     early_stop_loss: float = 1e-2
+    project_out: int = 0
     templates: TemplateHparams = field(default_factory=_wise_templates)
     irrelevant: IrrelevantHparams = field(default_factory=IrrelevantHparams)
     seed: int = 0
@@ -143,9 +152,13 @@ class WiseHparams:
         if min(self.alpha, self.beta, self.gamma) < 0 or self.beta <= self.alpha:
             raise ValueError(f"margins must be >= 0 with beta > alpha, got alpha={self.alpha} beta={self.beta} "
                              f"gamma={self.gamma}")
+        if not (self.margin_weight >= 0 and math.isfinite(self.margin_weight)):
+            raise ValueError(f"margin_weight must be a finite number >= 0, got {self.margin_weight}")
         if not 0 < self.act_ratio <= 1 or not 0 < self.mask_ratio <= 1 or not 0 < self.merge_density <= 1:
             raise ValueError(f"act_ratio, mask_ratio and merge_density must be in (0, 1], got {self.act_ratio}, "
                              f"{self.mask_ratio}, {self.merge_density}")
+        if self.project_out < 0:
+            raise ValueError(f"project_out must be >= 0, got {self.project_out}")
         if self.norm_constraint is not None and not self.norm_constraint > 0:
             raise ValueError(f"norm_constraint must be None or > 0, got {self.norm_constraint}")
         if self.shard_size < 1 or self.merge_every < self.shard_size or self.merge_every % self.shard_size:
@@ -212,16 +225,20 @@ class Wise(EditAlgorithm):
         self.memory = SideMemory()
         self._templates = TemplateCache()
         self._irrelevant: Optional[list[str]] = None
+        self._basis: Optional[torch.Tensor] = None  # project_out's basis, from the base model
         self._installed = Installation()
 
     # -- base-model quantities -----------------------------------------------------------------
     def prepare(self, model: nn.Module, tok: Any) -> None:
-        """Context templates from the base model and the irrelevant pool (idempotent)."""
-        projection(model, self.hparams.layer)
+        """Context templates from the base model, the irrelevant pool and, with ``project_out``, the
+        activation basis of that pool (idempotent; the projection's input never depends on Δ)."""
+        module, _, _ = projection(model, self.hparams.layer)
         t = self.hparams.templates
         self._templates.get(model, tok, t.length_params, t.seed)
         if self._irrelevant is None:
             self._irrelevant = load_irrelevant(self.hparams.irrelevant)
+        if self.hparams.project_out and self._basis is None:
+            self._basis = activation_basis(model, tok, module, self._irrelevant, self.hparams.project_out)
 
     def targets(self, model: nn.Module, requests: Sequence[EditRequest]) -> set[str]:
         return set()  # no parameter is written: the memory lives in the side memory
@@ -255,7 +272,8 @@ class Wise(EditAlgorithm):
         templates = self._templates.get(model, tok, t.length_params, t.seed)
         hook = WiseHook(mem, transposed, hp.act_ratio)
         with seeded(hp.seed, weight.device):
-            info = train_shard(model, tok, hook, module, mem.active, mask, requests, templates, irrelevant, hp)
+            info = train_shard(model, tok, hook, module, mem.active, mask, requests, templates, irrelevant, hp,
+                               self._basis)
         mem.edits_total += len(requests)
         if sum(m.edits for m in mem.pending) + mem.active.edits >= hp.merge_every:
             mem.merge(hp.merge_density, hp.retrieve)

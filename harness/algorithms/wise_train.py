@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -14,7 +14,7 @@ from torch import nn
 from harness.algorithms.base import AlgorithmError
 from harness.algorithms.batches import TargetBatch
 from harness.algorithms.finetune import trainable
-from harness.algorithms.hooks import Hooks, StopForward, hidden_of, logit_head, run_to_stop
+from harness.algorithms.hooks import Hooks, StopForward, first_input, hidden_of, logit_head, run_to_stop
 from harness.algorithms.locate import fill_template
 from harness.algorithms.wise_memory import Memory, WiseHook, running_mean
 from harness.models import get_module, model_spec, num_layers
@@ -40,6 +40,49 @@ def projection(model: nn.Module, layer: int) -> tuple[nn.Module, nn.Parameter, b
     except (AttributeError, IndexError, KeyError) as exc:
         raise AlgorithmError(f"wise: layer {layer} has no MLP output projection {spec.mlp_out.format(layer)!r}") from exc
     return module, module.weight, spec.out_transposed
+
+
+@torch.no_grad()
+def activation_basis(model: nn.Module, tok: Any, module: nn.Module, texts: Sequence[str], k: int,
+                     batch_size: int = 16) -> torch.Tensor:
+    """The top ``k`` eigenvectors of the uncentred second moment ``E[a aᵀ]`` of ``module``'s input
+    (the FFN activation) over every real token of ``texts``: the directions generic text occupies.
+
+    Returns:
+        [d_in, k] float32 with orthonormal columns, on the module's device.
+
+    Raises:
+        ValueError: ``k`` not in ``1 .. d_in - 1``, or no tokens in ``texts``.
+    """
+    seen: list[torch.Tensor] = []
+    device = next(module.parameters()).device
+    moment: Optional[torch.Tensor] = None
+    count = 0
+    with Hooks() as hooks:
+        hooks.input(module, lambda _m, args, kwargs: seen.append(first_input(args, kwargs)))
+        for i in range(0, len(texts), batch_size):
+            ids, attn = pad_batch(tok(list(texts[i:i + batch_size]))["input_ids"], pad_id(tok))
+            seen.clear()
+            model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False)
+            acts = seen[0][attn.to(device).bool()].to(torch.float64)
+            moment = acts.T @ acts if moment is None else moment + acts.T @ acts
+            count += acts.shape[0]
+    if moment is None or count == 0:
+        raise ValueError("wise: project_out needs irrelevant texts with tokens to estimate the activation basis")
+    if not 1 <= k < moment.shape[0]:
+        raise ValueError(f"wise: project_out must be in 1 .. {moment.shape[0] - 1} (the projection's input "
+                         f"width minus one), got {k}")
+    _, vectors = torch.linalg.eigh(moment / count)
+    return vectors[:, -k:].flip(-1).to(torch.float32).contiguous()
+
+
+def project_input_side(grad: torch.Tensor, basis: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """``grad`` with its input side made orthogonal to ``basis`` ([d_in, k]): ``Δ a`` then ignores the
+    part of ``a`` in the basis' span (``G (I - U Uᵀ)``; Conv1D's ``(I - U Uᵀ) G``)."""
+    basis = basis.to(grad.device)
+    if transposed:
+        return grad - basis @ (basis.T @ grad)
+    return grad - (grad @ basis) @ basis.T
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,10 +196,12 @@ def target_positions_nll(logits: torch.Tensor, batch: TargetBatch, rows: torch.T
 
 def train_shard(model: nn.Module, tok: Any, hook: WiseHook, module: nn.Module, memory: Memory, mask: torch.Tensor,
                 requests: Sequence[EditRequest], templates: Sequence[str], irrelevant: Sequence[str],
-                hp: Any) -> dict[str, float]:
+                hp: Any, basis: Optional[torch.Tensor] = None) -> dict[str, float]:
     """Train ``memory.delta`` on ``requests`` (out of place) and update its edits and ``min_score``.
 
     ``hp`` is the algorithm's ``wise.WiseHparams`` (not imported here: wise.py imports this module).
+    ``basis``: when given, each masked step is made orthogonal to it on the input side
+    (``project_input_side``; ``project_out`` in ``WiseHparams``).
 
     Returns:
         Losses and scores for the report (``loss_first``, ``loss_final``, ``nll_final``, ``steps``,
@@ -180,7 +225,8 @@ def train_shard(model: nn.Module, tok: Any, hook: WiseHook, module: nn.Module, m
             rows, cols = decide[:n_edit].nonzero(as_tuple=True)
             for _ in range(hp.num_steps):
                 nll = target_positions_nll(forward(rows, cols), edit, rows, cols)
-                loss = nll + margin_loss(running_mean(hook.scores), decide, n_edit, hp.alpha, hp.beta, hp.gamma)
+                loss = nll + hp.margin_weight * margin_loss(running_mean(hook.scores), decide, n_edit, hp.alpha, hp.beta,
+                                                             hp.gamma)
                 losses.append(float(loss.detach()))
                 if not math.isfinite(losses[-1]):
                     raise AlgorithmError(f"wise: non-finite loss at step {len(losses) - 1}")
@@ -188,7 +234,10 @@ def train_shard(model: nn.Module, tok: Any, hook: WiseHook, module: nn.Module, m
                     break
                 (grad,) = torch.autograd.grad(loss, [delta])
                 with torch.no_grad():
-                    delta -= hp.lr * grad * mask
+                    step = grad * mask
+                    if basis is not None:
+                        step = project_input_side(step, basis, hook.transposed)
+                    delta -= hp.lr * step
                     if hp.norm_constraint is not None:
                         delta.clamp_(-hp.norm_constraint, hp.norm_constraint)
             with torch.no_grad():
