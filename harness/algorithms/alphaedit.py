@@ -43,7 +43,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from harness.algorithms.base import AlgorithmError, register
-from harness.algorithms.locate import compute_keys
 from harness.algorithms.memit import Memit, SpreadHparams
 from harness.algorithms.solve import alphaedit_delta, nullspace_projector
 from harness.algorithms.stats import stats_path
@@ -185,16 +184,13 @@ class AlphaEdit(Memit):
         return alphaedit_delta(keys, resid, self._proj[(spec.mlp_out, layer)], self._cp.get(layer), self.hparams.l2)
 
     def _after_batch(self, model: nn.Module, tok: Any, spec: ModelSpec, requests: Sequence[EditRequest],
-                     templates: list[list[str]]) -> dict[str, Any]:
+                     templates: list[list[str]], keys: dict[int, torch.Tensor]) -> dict[str, Any]:
         info: dict[str, Any] = {}
         for layer in self.hparams.layers:  # (the stats.* provenance is already in MEMIT's report)
             # the reference recomputes K on the edited model; the loop's K is the same (_after_batch in
             # memit.py), so it is reused: half of the per-layer cost of a batch
-            keys = self._keys.get(layer)
-            if keys is None:
-                keys = compute_keys(model, tok, spec, layer, requests, templates).T
-            keys = keys.to(torch.float64)
-            kk = (keys @ keys.T).to(self.state_dtype)  # keys is [d_ff, n]: Σ_j k_j k_jᵀ, on their device
+            k = keys[layer].to(torch.float64)
+            kk = (k @ k.T).to(self.state_dtype)  # keys is [d_ff, n]: Σ_j k_j k_jᵀ, on their device
             old: Optional[torch.Tensor] = self._cp.get(layer)
             # out of place: the tensors handed out by state_dict stay intact (state_replaced)
             self._cp[layer] = kk if old is None else old.to(kk.device) + kk

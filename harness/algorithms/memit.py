@@ -156,7 +156,6 @@ class Memit(EditAlgorithm):
         super().__init__(hparams, **overrides)
         self.templates = TemplateCache()  # from the model at first use (the unedited one); survives restores
         self.stats = StatsCache()  # C per layer, likewise
-        self._keys: dict[int, torch.Tensor] = {}  # the current batch's K per layer (_after_batch)
 
     # -- contract ----------------------------------------------------------------------------
     def targets(self, model: nn.Module, requests: Sequence[EditRequest]) -> set[str]:
@@ -197,12 +196,12 @@ class Memit(EditAlgorithm):
 
         t = time.perf_counter()
         norms: dict[str, float] = {}
-        self._keys = {}
+        layer_keys: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(hp.layers):
             name = spec.mlp_out_weight(layer)
             dev = params[name].device  # a model spread over devices: solve where the weight is
             keys = compute_keys(model, tok, spec, layer, requests, templates).T.to(dev)  # [d_ff, n]
-            self._keys[layer] = keys
+            layer_keys[layer] = keys
             err = z.to(dev) - self._current(model, tok, spec, requests).to(dev)  # [d, n]
             info[f"z_error.{layer}"] = float(err.norm())
             resid = self._share(err, len(hp.layers) - i)
@@ -220,10 +219,7 @@ class Memit(EditAlgorithm):
         info["t_layers"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        try:
-            info.update(self._after_batch(model, tok, spec, requests, templates))
-        finally:
-            self._keys = {}
+        info.update(self._after_batch(model, tok, spec, requests, templates, layer_keys))
         info["t_after"] = time.perf_counter() - t
         return EditReport(seconds=time.perf_counter() - t_start, losses=losses, delta_norms=norms, info=info)
 
@@ -244,10 +240,10 @@ class Memit(EditAlgorithm):
         return memit_delta(keys, resid, cov, self.hparams.mom2_update_weight)
 
     def _after_batch(self, model: nn.Module, tok: Any, spec: ModelSpec, requests: Sequence[EditRequest],
-                     templates: list[list[str]]) -> dict[str, Any]:
+                     templates: list[list[str]], keys: dict[int, torch.Tensor]) -> dict[str, Any]:
         """Runs after all layers are written (AlphaEdit accumulates C_p here). Returns report info.
 
-        ``self._keys[layer]`` holds the keys K [d_ff, n] the layer loop solved with. They are also the
+        ``keys[layer]`` holds the keys K [d_ff, n] the layer loop solved with. They are also the
         keys of the fully edited model: the input of layer l's down projection depends only on the
         blocks below l and on layer l's own attention and up/gate projections, and the loop writes
         layer l's down projection after computing them, layers in increasing order.

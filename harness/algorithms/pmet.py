@@ -91,7 +91,7 @@ class Pmet(Memit):
         return torch.stack(cols, dim=1), losses
 
     def _after_batch(self, model: nn.Module, tok: Any, spec: ModelSpec, requests: Sequence[EditRequest],
-                     templates: list[list[str]]) -> dict[str, Any]:
+                     templates: list[list[str]], keys: dict[int, torch.Tensor]) -> dict[str, Any]:
         """The mean ‖δ_attn‖ and ‖δ_mlp‖ of this batch's targets (``info``); only δ_mlp is written."""
         info, self._z_info = self._z_info, {}
         return info
