@@ -30,8 +30,6 @@ As with MEMIT, a resumed sequential run calls ``prepare(model, tok)`` on the bas
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,13 +37,13 @@ from typing import Any, Optional
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from harness.algorithms.base import AlgorithmError, register
 from harness.algorithms.memit import Memit, SpreadHparams
 from harness.algorithms.solve import alphaedit_delta, nullspace_projector
-from harness.algorithms.stats import stats_path
+from harness.algorithms.stats import save_atomic, stats_path
 from harness.models import ModelSpec, model_spec
 from harness.snapshot import model_digest
 from harness.types import EditRequest
@@ -149,7 +147,7 @@ class AlphaEdit(Memit):
             self._put_projector(model, spec, layer, proj, kept)
             if layer in paths:
                 meta = {k: str(v) for k, v in self.stats.provenance(spec, layer, hp.stats).items()}
-                _save_atomic(paths[layer], {"P": proj.contiguous(), "kept": torch.tensor(kept)}, meta)
+                save_atomic(paths[layer], {"P": proj.contiguous(), "kept": torch.tensor(kept)}, meta)
 
     def _put_projector(self, model: nn.Module, spec: ModelSpec, layer: int, proj: torch.Tensor, kept: int) -> None:
         dev = model.get_parameter(spec.mlp_out_weight(layer)).device
@@ -207,13 +205,3 @@ def _read_provenance(path: Path) -> dict[str, Any]:
             for k, v in meta.items() if k.startswith("stats.")}
 
 
-def _save_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: Optional[dict[str, str]] = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

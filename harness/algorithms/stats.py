@@ -194,7 +194,7 @@ def second_moments(model: nn.Module, tok: Any, spec: ModelSpec, layers: Sequence
         meta = {k: str(v) for k, v in asdict(cfg).items() if k != "cache_dir"}
         for layer, module in zip(todo, modules):
             out[layer] = sums[module] / count
-            _save_atomic(paths[layer], {"mom2": out[layer].contiguous(), "count": torch.tensor(count)},
+            save_atomic(paths[layer], {"mom2": out[layer].contiguous(), "count": torch.tensor(count)},
                          {**meta, "digest": digest, "module": module, "n_sequences": str(len(seqs))})
             record[layer] = provenance(cfg.source, len(seqs), count)
         log.info("computed C for layers %s from %d sequences, %d tokens (%s) in %.1fs", todo, len(seqs), count,
@@ -234,7 +234,9 @@ def second_moment(model: nn.Module, tok: Any, spec: ModelSpec, layer: int, cfg: 
     return second_moments(model, tok, spec, [layer], cfg)[0][layer]
 
 
-def _save_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+def save_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: Optional[dict[str, str]] = None) -> None:
+    """Write ``tensors`` as safetensors at ``path`` through a temporary file and a rename, so a killed
+    process never leaves a half-written cache."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
