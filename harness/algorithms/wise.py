@@ -53,7 +53,7 @@ from harness.algorithms.base import AlgorithmError, EditAlgorithm, register
 from harness.algorithms.finetune import seeded
 from harness.algorithms.locate import TemplateCache, TemplateHparams
 from harness.algorithms.memory import Installation, MemoryState
-from harness.algorithms.wise_memory import SideMemory, WiseHook, gradient_mask
+from harness.algorithms.wise_memory import SideMemory, WiseHook, gradient_mask, stored_scores
 from harness.algorithms.wise_train import activation_basis, projection, train_shard
 from harness.models import model_spec
 from harness.types import EditReport, EditRequest
@@ -119,6 +119,12 @@ class WiseHparams:
             directions of the FFN activations of the irrelevant pool (``wise_train.activation_basis``),
             so Δ answers to what is particular to an edit's activations, not to what all text shares;
             0: off, as in the paper (docs/algorithms/wise.md, deviations).
+        replay: k > 0: the margins' edit side also holds k stored rows of earlier edits of the same
+            memory (drawn per batch), so later training cannot push their scores below β; each edit's
+            rows' layer inputs are then kept in the memory (``Memory.keys``). 0: off, as in the paper.
+        live_threshold: ε from the *current* scores of every stored edit row (recomputed after each
+            batch and merge) instead of the smallest score each edit had when it was trained, which
+            goes stale as later edits move Δ; keeps the rows as ``replay`` does. False: the paper's.
         templates: context templates around the prompt (sampled from the base model in ``prepare``).
         irrelevant: the irrelevant inputs of the margin loss.
         seed: seeds the gradient masks (with the shard's index).
@@ -140,6 +146,8 @@ class WiseHparams:
     retrieve: bool = False
     early_stop_loss: float = 1e-2
     project_out: int = 0
+    replay: int = 0
+    live_threshold: bool = False
     templates: TemplateHparams = field(default_factory=_wise_templates)
     irrelevant: IrrelevantHparams = field(default_factory=IrrelevantHparams)
     seed: int = 0
@@ -159,6 +167,8 @@ class WiseHparams:
                              f"{self.mask_ratio}, {self.merge_density}")
         if self.project_out < 0:
             raise ValueError(f"project_out must be >= 0, got {self.project_out}")
+        if self.replay < 0:
+            raise ValueError(f"replay must be >= 0, got {self.replay}")
         if self.norm_constraint is not None and not self.norm_constraint > 0:
             raise ValueError(f"norm_constraint must be None or > 0, got {self.norm_constraint}")
         if self.shard_size < 1 or self.merge_every < self.shard_size or self.merge_every % self.shard_size:
@@ -277,6 +287,9 @@ class Wise(EditAlgorithm):
         mem.edits_total += len(requests)
         if sum(m.edits for m in mem.pending) + mem.active.edits >= hp.merge_every:
             mem.merge(hp.merge_density, hp.retrieve)
+            if hp.live_threshold:
+                for m in mem.merged:
+                    m.min_score = float(stored_scores(m, m.delta, transposed).min())
         return info
 
     def reset_state(self) -> None:
@@ -303,7 +316,11 @@ class Wise(EditAlgorithm):
                             ("active", [mem.active] if mem.active is not None else [])):
             for i, m in enumerate(group):
                 tensors[f"{kind}.{i}"] = m.delta
-                entries.append({"kind": kind, "index": i, "edits": m.edits, "min_score": m.min_score})
+                entry = {"kind": kind, "index": i, "edits": m.edits, "min_score": m.min_score}
+                if m.keys is not None and m.key_mask is not None:  # replay / live_threshold's edit rows
+                    tensors[f"{kind}.{i}.keys"], tensors[f"{kind}.{i}.key_mask"] = m.keys, m.key_mask
+                    entry["keys"] = True
+                entries.append(entry)
         structure = {"layer": self.hparams.layer, "shards_started": mem.shards_started,
                      "edits_total": mem.edits_total, "memories": entries}
         return MemoryState(tensors, structure)
@@ -330,6 +347,12 @@ class Wise(EditAlgorithm):
                 raise AlgorithmError(f"wise: the memory's structure names {key!r} but it has no such tensor")
             names.add(key)
             flat[f"{key}.delta"] = state.tensors[key]
+            if e.get("keys"):
+                for part in ("keys", "key_mask"):
+                    if f"{key}.{part}" not in state.tensors:
+                        raise AlgorithmError(f"wise: the memory's structure names {key}.{part} but it has no such tensor")
+                    names.add(f"{key}.{part}")
+                    flat[f"{key}.{part}"] = state.tensors[f"{key}.{part}"]
             flat[f"{key}.edits"] = torch.tensor(int(e["edits"]))
             flat[f"{key}.min_score"] = torch.tensor(float(e["min_score"]), dtype=torch.float64)
         extra = sorted(set(state.tensors) - names)

@@ -151,6 +151,30 @@ class Memory:
     delta: torch.Tensor
     edits: int = 0
     min_score: float = float("inf")
+    keys: Optional[torch.Tensor] = None
+    key_mask: Optional[torch.Tensor] = None
+
+    def add_keys(self, keys: torch.Tensor, mask: torch.Tensor) -> None:
+        """Append edit rows' activations ``keys`` [R, L, d_in] and their scored positions ``mask`` [R, L]
+        (``replay`` in ``wise.WiseHparams``); rows are right-padded to the longest kept row."""
+        keys, mask = keys.detach().to(torch.float32), mask.detach().bool()
+        if self.keys is None or self.key_mask is None:
+            self.keys, self.key_mask = keys.clone(), mask.clone()
+            return
+        width = max(self.keys.shape[1], keys.shape[1])
+        self.keys = torch.cat([F.pad(self.keys, (0, 0, 0, width - self.keys.shape[1])),
+                               F.pad(keys, (0, 0, 0, width - keys.shape[1]))])
+        self.key_mask = torch.cat([F.pad(self.key_mask, (0, width - self.key_mask.shape[1])),
+                                   F.pad(mask, (0, width - mask.shape[1]))])
+
+
+def stored_scores(memory: Memory, delta: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """The current score of each stored edit row of ``memory`` under ``delta``: the smallest running mean
+    over its scored positions (the edit score WISE's ε is taken from). [R] float32; empty without keys."""
+    if memory.keys is None or memory.key_mask is None:
+        return torch.zeros(0)
+    run = running_mean(token_scores(side_delta(memory.keys, delta, transposed)))
+    return torch.where(memory.key_mask.to(run.device), run, torch.full_like(run, torch.inf)).amin(1)
 
 
 @dataclass
@@ -199,6 +223,9 @@ class SideMemory:
         delta = group[0].delta if len(group) == 1 else ties_merge([m.delta for m in group], density,
                                                                    [m.edits for m in group])
         memory = Memory(delta, sum(m.edits for m in group), min(m.min_score for m in group))
+        if all(m.keys is not None for m in group):  # replay: the merged memory keeps every edit's rows
+            for m in group:
+                memory.add_keys(m.keys, m.key_mask)
         self.merged = [*self.merged, memory] if retrieve else [memory]
         self.pending = []
 
@@ -212,6 +239,8 @@ class SideMemory:
             out[f"{kind}.{i}.delta"] = m.delta
             out[f"{kind}.{i}.edits"] = torch.tensor(m.edits)
             out[f"{kind}.{i}.min_score"] = torch.tensor(m.min_score, dtype=torch.float64)
+            if m.keys is not None and m.key_mask is not None:
+                out[f"{kind}.{i}.keys"], out[f"{kind}.{i}.key_mask"] = m.keys, m.key_mask
         return out
 
     @classmethod
@@ -228,15 +257,23 @@ class SideMemory:
             kind, _, rest = key.partition(".")
             index, _, part = rest.partition(".")
             if kind not in ("merged", "pending", "active") or not index.isdigit() or part not in (
-                    "delta", "edits", "min_score"):
+                    "delta", "edits", "min_score", "keys", "key_mask"):
                 raise ValueError(f"wise: unexpected state entry {key!r}")
             groups.setdefault((kind, int(index)), {})[part] = value
         built: dict[str, dict[int, Memory]] = {"merged": {}, "pending": {}, "active": {}}
         for (kind, index), parts in groups.items():
-            if set(parts) != {"delta", "edits", "min_score"}:
-                raise ValueError(f"wise: state of {kind}.{index} lacks {sorted({'delta', 'edits', 'min_score'} - set(parts))}")
-            delta = parts["delta"].detach().to(device=device or parts["delta"].device, dtype=torch.float32, copy=True)
-            built[kind][index] = Memory(delta, int(parts["edits"]), float(parts["min_score"]))
+            need = {"delta", "edits", "min_score"}
+            if "keys" in parts or "key_mask" in parts:  # replay's stored rows come as a pair
+                need |= {"keys", "key_mask"}
+            if set(parts) != need:
+                raise ValueError(f"wise: state of {kind}.{index} lacks {sorted(need - set(parts))}")
+            dev = device or parts["delta"].device
+            delta = parts["delta"].detach().to(device=dev, dtype=torch.float32, copy=True)
+            memory = Memory(delta, int(parts["edits"]), float(parts["min_score"]))
+            if "keys" in parts:
+                memory.keys = parts["keys"].detach().to(device=dev, dtype=torch.float32, copy=True)
+                memory.key_mask = parts["key_mask"].detach().to(device=dev, dtype=torch.bool, copy=True)
+            built[kind][index] = memory
         return cls(active=built["active"].get(0),
                    pending=[built["pending"][i] for i in sorted(built["pending"])],
                    merged=[built["merged"][i] for i in sorted(built["merged"])],
@@ -251,8 +288,8 @@ class SideMemory:
 class WiseHook:
     """Forward hook on the edited projection: adds the routed side memory's output (``route``).
 
-    With ``training`` set (a delta that requires grad), every position gets ``A(x) Δᵀ`` and the token
-    scores are kept in ``scores`` for the margin loss. Positions routed to the main memory keep the
+    With ``training`` set (a delta that requires grad), every position gets ``A(x) Δᵀ``; the token
+    scores are kept in ``scores`` for the margin loss and the inputs ``A(x)`` in ``inputs``. Positions routed to the main memory keep the
     projection's own output bit for bit; with no memory at all the hook changes nothing.
     """
 
@@ -260,12 +297,13 @@ class WiseHook:
         self.memory, self.transposed, self.act_ratio = memory, transposed, act_ratio
         self.training: Optional[torch.Tensor] = None
         self.scores: Optional[torch.Tensor] = None
+        self.inputs: Optional[torch.Tensor] = None
 
     def __call__(self, _module: nn.Module, args: tuple, out: torch.Tensor) -> Optional[torch.Tensor]:
         x = args[0]
         if self.training is not None:
             added = side_delta(x, self.training, self.transposed)
-            self.scores = token_scores(added)
+            self.scores, self.inputs = token_scores(added), x.detach()
             return (out.to(torch.float32) + added).to(out.dtype)
         memories = self.memory.memories()
         if not memories:
