@@ -11,7 +11,8 @@ edits (Δ added everywhere: forgetting inside Δ, apart from routing).
 The layer's input A(x) never depends on the side memory (it sits below it), so each text's
 activations are read once and every score afterwards is ``running_mean(||A Δᵀ||)`` on them.
 
-Usage: python bench/trace_wise.py --n 40 [--every 1] [--trial "k=v;k=v"] [--data PATH --offset 0]
+Usage: PYTHONPATH=. python bench/trace_wise.py --n 40 [--every 1] [--trial "k=v;k=v"] [--data PATH --offset 0]
+(PYTHONPATH=.: this tree's harness, not the one ``pip install -e`` points at.)
 """
 from __future__ import annotations
 

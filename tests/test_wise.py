@@ -53,6 +53,9 @@ def test_route_picks_the_highest_score_above_its_own_threshold() -> None:
                            [4.0, 4.5, 9.0, 0.9]])  # memory 1, threshold 6
     assert route(scores, torch.tensor([2.0, 6.0])).tolist() == [-1, 0, 1, -1]
     assert route(scores, torch.tensor([9.0, 9.0])).tolist() == [-1, -1, -1, -1]  # strictly above
+    scores = torch.tensor([[5.0, 3.0], [7.0, 13.0]])  # thresholds 2 and 6: ratios 2.5, 1.5 and 1.17, 2.17
+    assert route(scores, torch.tensor([2.0, 6.0])).tolist() == [1, 1]
+    assert route(scores, torch.tensor([2.0, 6.0]), relative=True).tolist() == [0, 1]  # relative_routing
 
 
 def test_running_mean_is_causal() -> None:

@@ -114,6 +114,8 @@ class WiseHparams:
         merge_every: edits per merge of the shards (``merge_freq``); a multiple of shard_size.
         merge_density: TIES trim density (``densities``).
         retrieve: keep one merged memory per merge period and route to the highest score (WISE-Retrieve).
+        relative_routing: among the memories above their own ε, the one with the highest score / ε
+            answers; False: the highest score (the paper). Matters only with several memories.
         early_stop_loss: stop a batch's training once its total loss is below this.
         project_out: k > 0: every step on Δ is kept orthogonal, on its input side, to the top k
             directions of the FFN activations of the irrelevant pool (``wise_train.activation_basis``),
@@ -144,6 +146,7 @@ class WiseHparams:
     merge_every: int = 1000
     merge_density: float = 0.53
     retrieve: bool = False
+    relative_routing: bool = False
     early_stop_loss: float = 1e-2
     project_out: int = 0
     replay: int = 0
@@ -369,7 +372,8 @@ class Wise(EditAlgorithm):
             return
         module, _, transposed = projection(model, self.hparams.layer)
         name = model_spec(model).mlp_out.format(self.hparams.layer)
-        self._installed.hook(model, name, WiseHook(self.memory, transposed, self.hparams.act_ratio))
+        self._installed.hook(model, name, WiseHook(self.memory, transposed, self.hparams.act_ratio,
+                                                   self.hparams.relative_routing))
 
     def detach(self, model: nn.Module) -> None:
         self._installed.remove()

@@ -66,20 +66,24 @@ def running_mean(scores: torch.Tensor) -> torch.Tensor:
     return scores.cumsum(-1) / steps
 
 
-def route(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+def route(scores: torch.Tensor, thresholds: torch.Tensor, relative: bool = False) -> torch.Tensor:
     """Which memory answers at each position.
 
     Args:
         scores: [M, ...] running-mean scores of M side memories.
         thresholds: [M] each memory's ε.
+        relative: rank the passing memories by ``score / ε`` instead of the score (``relative_routing``
+            in ``wise.WiseHparams``): memories of different scales compete on how far each is above its
+            own threshold.
 
     Returns:
-        [...] int64: the index of the memory with the highest score among those whose score exceeds
-        their threshold (strictly), or -1 (the main memory) where none does.
+        [...] int64: the index of the memory with the highest score (or score / ε) among those whose
+        score exceeds their threshold (strictly), or -1 (the main memory) where none does.
     """
     eps = thresholds.to(scores.dtype).reshape(-1, *([1] * (scores.dim() - 1)))
     passing = scores > eps
-    best = torch.where(passing, scores, torch.full_like(scores, -torch.inf)).argmax(0)
+    rank = scores / eps.clamp_min(torch.finfo(scores.dtype).tiny) if relative else scores
+    best = torch.where(passing, rank, torch.full_like(scores, -torch.inf)).argmax(0)
     return torch.where(passing.any(0), best, torch.full_like(best, -1))
 
 
@@ -293,8 +297,8 @@ class WiseHook:
     projection's own output bit for bit; with no memory at all the hook changes nothing.
     """
 
-    def __init__(self, memory: SideMemory, transposed: bool, act_ratio: float) -> None:
-        self.memory, self.transposed, self.act_ratio = memory, transposed, act_ratio
+    def __init__(self, memory: SideMemory, transposed: bool, act_ratio: float, relative: bool = False) -> None:
+        self.memory, self.transposed, self.act_ratio, self.relative = memory, transposed, act_ratio, relative
         self.training: Optional[torch.Tensor] = None
         self.scores: Optional[torch.Tensor] = None
         self.inputs: Optional[torch.Tensor] = None
@@ -311,7 +315,7 @@ class WiseHook:
         adds = [side_delta(x, m.delta, self.transposed) for m in memories]
         scores = torch.stack([running_mean(token_scores(a)) for a in adds])
         eps = torch.tensor([self.act_ratio * m.min_score for m in memories], device=scores.device)
-        choice = route(scores, eps)
+        choice = route(scores, eps, self.relative)
         if bool((choice < 0).all()):
             return None
         added = torch.zeros_like(adds[0])
