@@ -392,3 +392,13 @@ def test_replay_holds_earlier_edits_in_the_margins() -> None:
     assert losses[2] != pytest.approx(losses[0])
     with pytest.raises(ValueError, match="replay must be >= 0"):
         Wise(replay=-1)
+
+
+def test_relative_routing_reaches_the_installed_hook() -> None:
+    model, tok = tiny_model("llama", n_layers=2)
+    for relative in (False, True):
+        algo = Wise({**TINY, "num_steps": 1, "relative_routing": relative})
+        algo.apply(model, tok, [REQ])  # leaves the routing hook attached
+        (hook,) = model.get_submodule("model.layers.1.mlp.down_proj")._forward_hooks.values()
+        assert isinstance(hook, WiseHook) and hook.relative is relative
+        algo.detach(model)
