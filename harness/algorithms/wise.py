@@ -19,11 +19,14 @@ Training one batch of edits (``wise_train.train_shard``; EasyEdit's ``WISE.edit`
 * SGD on Δ with the shard's random gradient mask (ratio ρ), Δ clamped to ``±norm_constraint``;
   stops early when the loss falls below ``early_stop_loss``;
 * afterwards each request's score (the smallest running mean over its target-predicting positions,
-  over its template rows) updates the shard's ``min_score``; ε = ``act_ratio · min_score``.
+  over its template rows) updates the shard's ``min_score``; ε = ``act_ratio · min_score``. With
+  ``live_threshold`` the shard keeps its edit rows' layer inputs and ``min_score`` is the smallest
+  *current* score of all of them; ``replay`` puts some of them in the margins as well.
 
 Sharding and merging: a new shard (fresh Δ, fresh mask) starts every ``shard_size`` edits; every
 ``merge_every`` edits the shards are TIES-merged (``merge_density``) into the side memory, or, with
-``retrieve``, into one more side memory among which routing picks the highest score.
+``retrieve``, into one more side memory among which routing picks the highest score (with
+``relative_routing``: the highest score / ε).
 
 Deviations from the reference, each for a reason: routing per position by the running mean (the
 harness batches right-padded inputs; module docstring of ``wise_memory``); no SGD weight decay (in
