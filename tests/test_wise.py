@@ -20,7 +20,10 @@ from harness.models import tiny_model
 REQ = EditRequest(case_id="1", prompt="The mother tongue of {} is", subject="Danielle Darrieux",
                   target_new="English", target_true="French")
 TINY = dict(layer=1, num_steps=25, lr=50.0, alpha=0.5, beta=2.0, gamma=1.0, mask_ratio=0.5,
-            norm_constraint=None, templates={"length_params": [[3, 1]]})
+            norm_constraint=None, templates={"length_params": [[3, 1]]},
+            # the paper's objective and memory (the SmolLM2 defaults differ; conf/algorithm/wise.yaml)
+            project_out=0, margin_weight=1.0, shard_size=500, merge_every=1000, retrieve=False,
+            relative_routing=False, live_threshold=False)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -141,19 +141,19 @@ class WiseHparams:
     alpha: float = 5.0
     beta: float = 20.0
     gamma: float = 10.0
-    margin_weight: float = 1.0
+    margin_weight: float = 0.1
     act_ratio: float = 0.88
     mask_ratio: float = 0.2
     norm_constraint: Optional[float] = 1.0
-    shard_size: int = 500
-    merge_every: int = 1000
+    shard_size: int = 1
+    merge_every: int = 1
     merge_density: float = 0.53
-    retrieve: bool = False
-    relative_routing: bool = False
+    retrieve: bool = True
+    relative_routing: bool = True
     early_stop_loss: float = 1e-2
-    project_out: int = 0
+    project_out: int = 32
     replay: int = 0
-    live_threshold: bool = False
+    live_threshold: bool = True
     templates: TemplateHparams = field(default_factory=_wise_templates)
     irrelevant: IrrelevantHparams = field(default_factory=IrrelevantHparams)
     seed: int = 0
