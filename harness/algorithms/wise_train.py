@@ -240,7 +240,7 @@ def train_shard(model: nn.Module, tok: Any, hook: WiseHook, module: nn.Module, m
         AlgorithmError: a non-finite loss.
     """
     device = memory.delta.device
-    replay, live = int(getattr(hp, "replay", 0)), bool(getattr(hp, "live_threshold", False))
+    replay, live = hp.replay, hp.live_threshold
     edit, decide, owner = _rows(tok, requests, templates, device)
     irr_x, irr_mask = layer_inputs(model, tok, module, irrelevant, device)
     old_x, old_mask = memory.keys, memory.key_mask
