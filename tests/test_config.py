@@ -251,7 +251,8 @@ ANCHORS = {
 ANCHORS[("llama_local", "wise")] = {"layer": 29, "num_steps": 30, "lr": 0.9, "alpha": 2.0, "beta": 20.0, "gamma": 10.0,
                                     "act_ratio": 0.5, "mask_ratio": 0.2, "norm_constraint": 1.0, "shard_size": 500,
                                     "merge_every": 1000, "merge_density": 0.53, "retrieve": True,
-                                    "templates.length_params": [[5, 5], [10, 5]]}
+                                    "templates.length_params": [[5, 5], [10, 5]], "project_out": 0,
+                                    "margin_weight": 1.0, "relative_routing": False, "live_threshold": False}
 ANCHORS[("gpt2_local", "emmet")] = {"layers": [17], "mom2_update_weight": 1000.0, "emmet_lambda": 0.1,
                                     "update_norm_lambda": 0.0, "target.num_grad_steps": 20, "target.lr": 0.5,
                                     "target.weight_decay": 0.5, "target.clamp_norm_factor": 0.75,

@@ -20,7 +20,10 @@ from harness.models import tiny_model
 REQ = EditRequest(case_id="1", prompt="The mother tongue of {} is", subject="Danielle Darrieux",
                   target_new="English", target_true="French")
 TINY = dict(layer=1, num_steps=25, lr=50.0, alpha=0.5, beta=2.0, gamma=1.0, mask_ratio=0.5,
-            norm_constraint=None, templates={"length_params": [[3, 1]]})
+            norm_constraint=None, templates={"length_params": [[3, 1]]},
+            # the paper's objective and memory (the SmolLM2 defaults differ; conf/algorithm/wise.yaml)
+            project_out=0, margin_weight=1.0, shard_size=500, merge_every=1000, retrieve=False,
+            relative_routing=False, live_threshold=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -53,6 +56,9 @@ def test_route_picks_the_highest_score_above_its_own_threshold() -> None:
                            [4.0, 4.5, 9.0, 0.9]])  # memory 1, threshold 6
     assert route(scores, torch.tensor([2.0, 6.0])).tolist() == [-1, 0, 1, -1]
     assert route(scores, torch.tensor([9.0, 9.0])).tolist() == [-1, -1, -1, -1]  # strictly above
+    scores = torch.tensor([[5.0, 3.0], [7.0, 13.0]])  # thresholds 2 and 6: ratios 2.5, 1.5 and 1.17, 2.17
+    assert route(scores, torch.tensor([2.0, 6.0])).tolist() == [1, 1]
+    assert route(scores, torch.tensor([2.0, 6.0]), relative=True).tolist() == [0, 1]  # relative_routing
 
 
 def test_running_mean_is_causal() -> None:
@@ -302,3 +308,100 @@ def test_an_edited_model_saves_and_reloads_with_its_side_memory(tmp_path: Path) 
     assert torch.equal(_forward(fresh, tok2, texts)[0], edited)  # the same routed outputs, bit for bit
     again.restore()
     assert torch.equal(_forward(fresh, tok2, texts)[0], base)
+
+
+# ----------------------------------------------------------------------------------------------
+# replay and live_threshold (issue 13): stored edit rows
+
+
+def test_stored_scores_are_the_smallest_running_mean_at_the_scored_positions() -> None:
+    from harness.algorithms.wise_memory import Memory, stored_scores
+
+    delta = torch.zeros(2, 3)
+    delta[0, 0], delta[1, 1] = 3.0, 4.0  # A Δᵀ = (3 a0, 4 a1): score = ||(3 a0, 4 a1)||
+    keys = torch.tensor([[[1.0, 0.0, 7.0], [0.0, 1.0, 7.0], [1.0, 1.0, 7.0]],  # token scores 3, 4, 5
+                         [[0.0, 2.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])  # 8, 0, 0
+    memory = Memory(torch.zeros(2, 3))
+    memory.add_keys(keys[:1], torch.tensor([[False, True, True]]))
+    memory.add_keys(keys[1:, :2], torch.tensor([[True, True]]))  # a shorter row is padded, unscored
+    assert memory.keys.shape == (2, 3, 3) and memory.key_mask.tolist() == [[False, True, True], [True, True, False]]
+    # row 0: running means 3, 3.5, 4 -> min over positions 1, 2 = 3.5; row 1: 8, 4 -> 4
+    assert stored_scores(memory, delta, transposed=False).tolist() == pytest.approx([3.5, 4.0])
+    assert stored_scores(memory, delta.T, transposed=True).tolist() == pytest.approx([3.5, 4.0])  # Conv1D layout
+    state = SideMemory(active=memory).state_dict()
+    back = SideMemory.from_state(state).active
+    assert torch.equal(back.keys, memory.keys) and torch.equal(back.key_mask, memory.key_mask)
+    with pytest.raises(ValueError, match=r"active\.0 lacks \['key_mask'\]"):
+        SideMemory.from_state({k: v for k, v in state.items() if k != "active.0.key_mask"})
+
+
+def _direct_score(model, tok, algo, req) -> float:
+    """The edit's score computed from a fresh forward: the smallest running mean of ||A Δᵀ|| over the
+    positions predicting its target, over its template rows (what ε's min_score is taken from)."""
+    from harness.algorithms.wise_train import _rows, projection
+
+    module, _, transposed = projection(model, algo.hparams.layer)
+    templates = algo._templates.get(model, tok, algo.hparams.templates.length_params, algo.hparams.templates.seed)
+    batch, decide, _ = _rows(tok, [req], templates, torch.device("cpu"))
+    seen = []
+    with Hooks() as hooks, torch.no_grad():
+        hooks.input(module, lambda _m, args, kwargs: seen.append(args[0]))
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    delta = algo.memory.active.delta
+    added = seen[0] @ delta if transposed else seen[0] @ delta.T
+    run = running_mean(added.norm(dim=-1))
+    return float(run[decide].min())
+
+
+def test_live_threshold_is_the_smallest_current_score_of_every_stored_edit() -> None:
+    model, tok = tiny_model("llama", n_layers=2)
+    reqs = [REQ, EditRequest(case_id="2", prompt="{} plays the", subject="Toko Yasuda", target_new="piano")]
+    live = Wise({**TINY, "live_threshold": True})
+    for r in reqs:
+        report = live.apply(model, tok, [r])
+        live.detach(model)
+    mem = live.memory.active
+    assert mem.keys is not None and mem.keys.shape[0] == 2 * 2  # 1 + 1 template rows per edit (TINY)
+    direct = [_direct_score(model, tok, live, r) for r in reqs]  # under the Δ after both edits
+    assert mem.min_score == pytest.approx(min(direct), rel=1e-4)
+    assert report.info["threshold"] == pytest.approx(0.88 * min(direct), rel=1e-4)
+    stale = Wise(TINY)  # the paper's ε: the minimum of the scores each edit had when trained
+    for r in reqs:
+        stale.apply(model, tok, [r])
+        stale.detach(model)
+    assert stale.memory.active.keys is None and stale.memory.active.min_score != pytest.approx(min(direct), rel=1e-4)
+    saved = live.memory_state().clone()
+    assert set(saved.tensors) == {"active.0", "active.0.keys", "active.0.key_mask"}
+    live.load_memory(saved)
+    assert live.memory_state().equals(saved)
+
+
+def test_replay_holds_earlier_edits_in_the_margins() -> None:
+    from harness.algorithms.wise_train import margins
+
+    assert float(margins(torch.tensor([25.0, 15.0]), torch.tensor([2.0]), 5.0, 20.0, 10.0)) == pytest.approx(5.0)
+    model, tok = tiny_model("llama", n_layers=2)
+    reqs = [REQ, EditRequest(case_id="2", prompt="{} plays the", subject="Toko Yasuda", target_new="piano")]
+    losses = {}
+    for replay in (0, 2):
+        algo = Wise({**TINY, "num_steps": 1, "replay": replay, "margin_weight": 1.0, "beta": 1e3})
+        for r in reqs:
+            rep = algo.apply(model, tok, [r])
+            algo.detach(model)
+        losses[replay] = rep.losses["loss_first"]
+        assert (algo.memory.active.keys is None) == (replay == 0)
+    # beta = 1000: every edit score violates it by ~1000 - s; the stored rows of edit 1 score higher than
+    # the new edit's (Δ was trained on them), so the mean violation changes once they are in the margin
+    assert losses[2] != pytest.approx(losses[0])
+    with pytest.raises(ValueError, match="replay must be >= 0"):
+        Wise(replay=-1)
+
+
+def test_relative_routing_reaches_the_installed_hook() -> None:
+    model, tok = tiny_model("llama", n_layers=2)
+    for relative in (False, True):
+        algo = Wise({**TINY, "num_steps": 1, "relative_routing": relative})
+        algo.apply(model, tok, [REQ])  # leaves the routing hook attached
+        (hook,) = model.get_submodule("model.layers.1.mlp.down_proj")._forward_hooks.values()
+        assert isinstance(hook, WiseHook) and hook.relative is relative
+        algo.detach(model)

@@ -19,11 +19,14 @@ Training one batch of edits (``wise_train.train_shard``; EasyEdit's ``WISE.edit`
 * SGD on Δ with the shard's random gradient mask (ratio ρ), Δ clamped to ``±norm_constraint``;
   stops early when the loss falls below ``early_stop_loss``;
 * afterwards each request's score (the smallest running mean over its target-predicting positions,
-  over its template rows) updates the shard's ``min_score``; ε = ``act_ratio · min_score``.
+  over its template rows) updates the shard's ``min_score``; ε = ``act_ratio · min_score``. With
+  ``live_threshold`` the shard keeps its edit rows' layer inputs and ``min_score`` is the smallest
+  *current* score of all of them; ``replay`` puts some of them in the margins as well.
 
 Sharding and merging: a new shard (fresh Δ, fresh mask) starts every ``shard_size`` edits; every
 ``merge_every`` edits the shards are TIES-merged (``merge_density``) into the side memory, or, with
-``retrieve``, into one more side memory among which routing picks the highest score.
+``retrieve``, into one more side memory among which routing picks the highest score (with
+``relative_routing``: the highest score / ε).
 
 Deviations from the reference, each for a reason: routing per position by the running mean (the
 harness batches right-padded inputs; module docstring of ``wise_memory``); no SGD weight decay (in
@@ -53,7 +56,7 @@ from harness.algorithms.base import AlgorithmError, EditAlgorithm, register
 from harness.algorithms.finetune import seeded
 from harness.algorithms.locate import TemplateCache, TemplateHparams
 from harness.algorithms.memory import Installation, MemoryState
-from harness.algorithms.wise_memory import SideMemory, WiseHook, gradient_mask
+from harness.algorithms.wise_memory import SideMemory, WiseHook, gradient_mask, stored_scores
 from harness.algorithms.wise_train import activation_basis, projection, train_shard
 from harness.models import model_spec
 from harness.types import EditReport, EditRequest
@@ -114,11 +117,19 @@ class WiseHparams:
         merge_every: edits per merge of the shards (``merge_freq``); a multiple of shard_size.
         merge_density: TIES trim density (``densities``).
         retrieve: keep one merged memory per merge period and route to the highest score (WISE-Retrieve).
+        relative_routing: among the memories above their own ε, the one with the highest score / ε
+            answers; False: the highest score (the paper). Matters only with several memories.
         early_stop_loss: stop a batch's training once its total loss is below this.
         project_out: k > 0: every step on Δ is kept orthogonal, on its input side, to the top k
             directions of the FFN activations of the irrelevant pool (``wise_train.activation_basis``),
             so Δ answers to what is particular to an edit's activations, not to what all text shares;
             0: off, as in the paper (docs/algorithms/wise.md, deviations).
+        replay: k > 0: the margins' edit side also holds k stored rows of earlier edits of the same
+            memory (drawn per batch), so later training cannot push their scores below β; each edit's
+            rows' layer inputs are then kept in the memory (``Memory.keys``). 0: off, as in the paper.
+        live_threshold: ε from the *current* scores of every stored edit row (recomputed after each
+            batch and merge) instead of the smallest score each edit had when it was trained, which
+            goes stale as later edits move Δ; keeps the rows as ``replay`` does. False: the paper's.
         templates: context templates around the prompt (sampled from the base model in ``prepare``).
         irrelevant: the irrelevant inputs of the margin loss.
         seed: seeds the gradient masks (with the shard's index).
@@ -130,16 +141,19 @@ class WiseHparams:
     alpha: float = 5.0
     beta: float = 20.0
     gamma: float = 10.0
-    margin_weight: float = 1.0
+    margin_weight: float = 0.1
     act_ratio: float = 0.88
     mask_ratio: float = 0.2
     norm_constraint: Optional[float] = 1.0
-    shard_size: int = 500
-    merge_every: int = 1000
+    shard_size: int = 1
+    merge_every: int = 1
     merge_density: float = 0.53
-    retrieve: bool = False
+    retrieve: bool = True
+    relative_routing: bool = True
     early_stop_loss: float = 1e-2
-    project_out: int = 0
+    project_out: int = 32
+    replay: int = 0
+    live_threshold: bool = True
     templates: TemplateHparams = field(default_factory=_wise_templates)
     irrelevant: IrrelevantHparams = field(default_factory=IrrelevantHparams)
     seed: int = 0
@@ -159,6 +173,8 @@ class WiseHparams:
                              f"{self.mask_ratio}, {self.merge_density}")
         if self.project_out < 0:
             raise ValueError(f"project_out must be >= 0, got {self.project_out}")
+        if self.replay < 0:
+            raise ValueError(f"replay must be >= 0, got {self.replay}")
         if self.norm_constraint is not None and not self.norm_constraint > 0:
             raise ValueError(f"norm_constraint must be None or > 0, got {self.norm_constraint}")
         if self.shard_size < 1 or self.merge_every < self.shard_size or self.merge_every % self.shard_size:
@@ -277,6 +293,9 @@ class Wise(EditAlgorithm):
         mem.edits_total += len(requests)
         if sum(m.edits for m in mem.pending) + mem.active.edits >= hp.merge_every:
             mem.merge(hp.merge_density, hp.retrieve)
+            if hp.live_threshold:
+                for m in mem.merged:
+                    m.min_score = float(stored_scores(m, m.delta, transposed).min())
         return info
 
     def reset_state(self) -> None:
@@ -303,7 +322,11 @@ class Wise(EditAlgorithm):
                             ("active", [mem.active] if mem.active is not None else [])):
             for i, m in enumerate(group):
                 tensors[f"{kind}.{i}"] = m.delta
-                entries.append({"kind": kind, "index": i, "edits": m.edits, "min_score": m.min_score})
+                entry = {"kind": kind, "index": i, "edits": m.edits, "min_score": m.min_score}
+                if m.keys is not None and m.key_mask is not None:  # replay / live_threshold's edit rows
+                    tensors[f"{kind}.{i}.keys"], tensors[f"{kind}.{i}.key_mask"] = m.keys, m.key_mask
+                    entry["keys"] = True
+                entries.append(entry)
         structure = {"layer": self.hparams.layer, "shards_started": mem.shards_started,
                      "edits_total": mem.edits_total, "memories": entries}
         return MemoryState(tensors, structure)
@@ -330,6 +353,12 @@ class Wise(EditAlgorithm):
                 raise AlgorithmError(f"wise: the memory's structure names {key!r} but it has no such tensor")
             names.add(key)
             flat[f"{key}.delta"] = state.tensors[key]
+            if e.get("keys"):
+                for part in ("keys", "key_mask"):
+                    if f"{key}.{part}" not in state.tensors:
+                        raise AlgorithmError(f"wise: the memory's structure names {key}.{part} but it has no such tensor")
+                    names.add(f"{key}.{part}")
+                    flat[f"{key}.{part}"] = state.tensors[f"{key}.{part}"]
             flat[f"{key}.edits"] = torch.tensor(int(e["edits"]))
             flat[f"{key}.min_score"] = torch.tensor(float(e["min_score"]), dtype=torch.float64)
         extra = sorted(set(state.tensors) - names)
@@ -346,7 +375,8 @@ class Wise(EditAlgorithm):
             return
         module, _, transposed = projection(model, self.hparams.layer)
         name = model_spec(model).mlp_out.format(self.hparams.layer)
-        self._installed.hook(model, name, WiseHook(self.memory, transposed, self.hparams.act_ratio))
+        self._installed.hook(model, name, WiseHook(self.memory, transposed, self.hparams.act_ratio,
+                                                   self.hparams.relative_routing))
 
     def detach(self, model: nn.Module) -> None:
         self._installed.remove()

@@ -66,20 +66,24 @@ def running_mean(scores: torch.Tensor) -> torch.Tensor:
     return scores.cumsum(-1) / steps
 
 
-def route(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+def route(scores: torch.Tensor, thresholds: torch.Tensor, relative: bool = False) -> torch.Tensor:
     """Which memory answers at each position.
 
     Args:
         scores: [M, ...] running-mean scores of M side memories.
         thresholds: [M] each memory's ε.
+        relative: rank the passing memories by ``score / ε`` instead of the score (``relative_routing``
+            in ``wise.WiseHparams``): memories of different scales compete on how far each is above its
+            own threshold.
 
     Returns:
-        [...] int64: the index of the memory with the highest score among those whose score exceeds
-        their threshold (strictly), or -1 (the main memory) where none does.
+        [...] int64: the index of the memory with the highest score (or score / ε) among those whose
+        score exceeds their threshold (strictly), or -1 (the main memory) where none does.
     """
     eps = thresholds.to(scores.dtype).reshape(-1, *([1] * (scores.dim() - 1)))
     passing = scores > eps
-    best = torch.where(passing, scores, torch.full_like(scores, -torch.inf)).argmax(0)
+    rank = scores / eps.clamp_min(torch.finfo(scores.dtype).tiny) if relative else scores
+    best = torch.where(passing, rank, torch.full_like(scores, -torch.inf)).argmax(0)
     return torch.where(passing.any(0), best, torch.full_like(best, -1))
 
 
@@ -151,6 +155,30 @@ class Memory:
     delta: torch.Tensor
     edits: int = 0
     min_score: float = float("inf")
+    keys: Optional[torch.Tensor] = None
+    key_mask: Optional[torch.Tensor] = None
+
+    def add_keys(self, keys: torch.Tensor, mask: torch.Tensor) -> None:
+        """Append edit rows' activations ``keys`` [R, L, d_in] and their scored positions ``mask`` [R, L]
+        (``replay`` in ``wise.WiseHparams``); rows are right-padded to the longest kept row."""
+        keys, mask = keys.detach().to(torch.float32), mask.detach().bool()
+        if self.keys is None or self.key_mask is None:
+            self.keys, self.key_mask = keys.clone(), mask.clone()
+            return
+        width = max(self.keys.shape[1], keys.shape[1])
+        self.keys = torch.cat([F.pad(self.keys, (0, 0, 0, width - self.keys.shape[1])),
+                               F.pad(keys, (0, 0, 0, width - keys.shape[1]))])
+        self.key_mask = torch.cat([F.pad(self.key_mask, (0, width - self.key_mask.shape[1])),
+                                   F.pad(mask, (0, width - mask.shape[1]))])
+
+
+def stored_scores(memory: Memory, delta: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """The current score of each stored edit row of ``memory`` under ``delta``: the smallest running mean
+    over its scored positions (the edit score WISE's ε is taken from). [R] float32; empty without keys."""
+    if memory.keys is None or memory.key_mask is None:
+        return torch.zeros(0)
+    run = running_mean(token_scores(side_delta(memory.keys, delta, transposed)))
+    return torch.where(memory.key_mask.to(run.device), run, torch.full_like(run, torch.inf)).amin(1)
 
 
 @dataclass
@@ -199,6 +227,9 @@ class SideMemory:
         delta = group[0].delta if len(group) == 1 else ties_merge([m.delta for m in group], density,
                                                                    [m.edits for m in group])
         memory = Memory(delta, sum(m.edits for m in group), min(m.min_score for m in group))
+        if all(m.keys is not None for m in group):  # replay: the merged memory keeps every edit's rows
+            for m in group:
+                memory.add_keys(m.keys, m.key_mask)
         self.merged = [*self.merged, memory] if retrieve else [memory]
         self.pending = []
 
@@ -212,6 +243,8 @@ class SideMemory:
             out[f"{kind}.{i}.delta"] = m.delta
             out[f"{kind}.{i}.edits"] = torch.tensor(m.edits)
             out[f"{kind}.{i}.min_score"] = torch.tensor(m.min_score, dtype=torch.float64)
+            if m.keys is not None and m.key_mask is not None:
+                out[f"{kind}.{i}.keys"], out[f"{kind}.{i}.key_mask"] = m.keys, m.key_mask
         return out
 
     @classmethod
@@ -228,15 +261,23 @@ class SideMemory:
             kind, _, rest = key.partition(".")
             index, _, part = rest.partition(".")
             if kind not in ("merged", "pending", "active") or not index.isdigit() or part not in (
-                    "delta", "edits", "min_score"):
+                    "delta", "edits", "min_score", "keys", "key_mask"):
                 raise ValueError(f"wise: unexpected state entry {key!r}")
             groups.setdefault((kind, int(index)), {})[part] = value
         built: dict[str, dict[int, Memory]] = {"merged": {}, "pending": {}, "active": {}}
         for (kind, index), parts in groups.items():
-            if set(parts) != {"delta", "edits", "min_score"}:
-                raise ValueError(f"wise: state of {kind}.{index} lacks {sorted({'delta', 'edits', 'min_score'} - set(parts))}")
-            delta = parts["delta"].detach().to(device=device or parts["delta"].device, dtype=torch.float32, copy=True)
-            built[kind][index] = Memory(delta, int(parts["edits"]), float(parts["min_score"]))
+            need = {"delta", "edits", "min_score"}
+            if "keys" in parts or "key_mask" in parts:  # replay's stored rows come as a pair
+                need |= {"keys", "key_mask"}
+            if set(parts) != need:
+                raise ValueError(f"wise: state of {kind}.{index} lacks {sorted(need - set(parts))}")
+            dev = device or parts["delta"].device
+            delta = parts["delta"].detach().to(device=dev, dtype=torch.float32, copy=True)
+            memory = Memory(delta, int(parts["edits"]), float(parts["min_score"]))
+            if "keys" in parts:
+                memory.keys = parts["keys"].detach().to(device=dev, dtype=torch.float32, copy=True)
+                memory.key_mask = parts["key_mask"].detach().to(device=dev, dtype=torch.bool, copy=True)
+            built[kind][index] = memory
         return cls(active=built["active"].get(0),
                    pending=[built["pending"][i] for i in sorted(built["pending"])],
                    merged=[built["merged"][i] for i in sorted(built["merged"])],
@@ -251,21 +292,22 @@ class SideMemory:
 class WiseHook:
     """Forward hook on the edited projection: adds the routed side memory's output (``route``).
 
-    With ``training`` set (a delta that requires grad), every position gets ``A(x) Δᵀ`` and the token
-    scores are kept in ``scores`` for the margin loss. Positions routed to the main memory keep the
+    With ``training`` set (a delta that requires grad), every position gets ``A(x) Δᵀ``; the token
+    scores are kept in ``scores`` for the margin loss and the inputs ``A(x)`` in ``inputs``. Positions routed to the main memory keep the
     projection's own output bit for bit; with no memory at all the hook changes nothing.
     """
 
-    def __init__(self, memory: SideMemory, transposed: bool, act_ratio: float) -> None:
-        self.memory, self.transposed, self.act_ratio = memory, transposed, act_ratio
+    def __init__(self, memory: SideMemory, transposed: bool, act_ratio: float, relative: bool = False) -> None:
+        self.memory, self.transposed, self.act_ratio, self.relative = memory, transposed, act_ratio, relative
         self.training: Optional[torch.Tensor] = None
         self.scores: Optional[torch.Tensor] = None
+        self.inputs: Optional[torch.Tensor] = None
 
     def __call__(self, _module: nn.Module, args: tuple, out: torch.Tensor) -> Optional[torch.Tensor]:
         x = args[0]
         if self.training is not None:
             added = side_delta(x, self.training, self.transposed)
-            self.scores = token_scores(added)
+            self.scores, self.inputs = token_scores(added), x.detach()
             return (out.to(torch.float32) + added).to(out.dtype)
         memories = self.memory.memories()
         if not memories:
@@ -273,7 +315,7 @@ class WiseHook:
         adds = [side_delta(x, m.delta, self.transposed) for m in memories]
         scores = torch.stack([running_mean(token_scores(a)) for a in adds])
         eps = torch.tensor([self.act_ratio * m.min_score for m in memories], device=scores.device)
-        choice = route(scores, eps)
+        choice = route(scores, eps, self.relative)
         if bool((choice < 0).all()):
             return None
         added = torch.zeros_like(adds[0])

@@ -14,9 +14,10 @@ from torch import nn
 from harness.algorithms.base import AlgorithmError
 from harness.algorithms.batches import TargetBatch
 from harness.algorithms.finetune import trainable
-from harness.algorithms.hooks import Hooks, StopForward, first_input, hidden_of, logit_head, run_to_stop
+from harness.algorithms.hooks import (Hooks, StopForward, first_input, hidden_of, logit_head, module_input,
+                                     run_to_stop)
 from harness.algorithms.locate import fill_template
-from harness.algorithms.wise_memory import Memory, WiseHook, running_mean
+from harness.algorithms.wise_memory import Memory, WiseHook, running_mean, side_delta, stored_scores, token_scores
 from harness.models import get_module, model_spec, num_layers
 from harness.tokens import encode_pairs, pad_batch, pad_id
 from harness.types import EditRequest
@@ -89,29 +90,48 @@ def project_input_side(grad: torch.Tensor, basis: torch.Tensor, transposed: bool
 # training one batch of edits
 
 
-def _rows(tok: Any, requests: Sequence[EditRequest], templates: Sequence[str], irrelevant: Sequence[str],
-          device: torch.device) -> tuple[TargetBatch, torch.Tensor, torch.Tensor, int]:
-    """One right-padded batch: template rows of every request, then the irrelevant rows.
+def _rows(tok: Any, requests: Sequence[EditRequest], templates: Sequence[str],
+          device: torch.device) -> tuple[TargetBatch, torch.Tensor, torch.Tensor]:
+    """One right-padded batch of the template rows of every request.
 
     Returns:
-        (batch, decide [B, L] bool: positions predicting a target token (template rows) or any real
-        token (irrelevant rows), owner [n_template_rows]: the request of each template row,
-        n_template_rows).
+        (batch, decide [B, L] bool: the positions predicting a target token, owner [B]: the request of
+        each row).
     """
     pairs = [(fill_template(t, r.rewrite_prompt), r.target_new) for r in requests for t in templates]
     owner = torch.tensor([i for i in range(len(requests)) for _ in templates])
     items = encode_pairs(tok, pairs)
-    irr_ids = [list(ids) for ids in tok(list(irrelevant))["input_ids"]]
-    seqs = [list(it.ids) for it in items] + irr_ids
-    ids, attn = pad_batch(seqs, pad_id(tok))
-    labels, _ = pad_batch([[0] * len(it.prompt_ids) + [1] * len(it.target_ids) for it in items]
-                          + [[0] * len(s) for s in irr_ids], 0, width=ids.shape[1])
+    ids, attn = pad_batch([list(it.ids) for it in items], pad_id(tok))
+    labels, _ = pad_batch([[0] * len(it.prompt_ids) + [1] * len(it.target_ids) for it in items], 0,
+                          width=ids.shape[1])
     labels = labels.bool()
     decide = torch.zeros_like(labels)
     decide[:, :-1] = labels[:, 1:]
-    decide[len(items):] = attn[len(items):].bool()
     batch = TargetBatch(ids.to(device), attn.to(device), labels.to(device))
-    return batch, decide.to(device), owner.to(device), len(items)
+    return batch, decide.to(device), owner.to(device)
+
+
+@torch.no_grad()
+def layer_inputs(model: nn.Module, tok: Any, module: nn.Module, texts: Sequence[str],
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The projection's input ``A(x)`` on every token of ``texts`` (the forward stops there: nothing
+    below the side memory depends on it, so a text's scores under any Δ follow from these).
+
+    Returns:
+        ([N, L, d_in] float32, [N, L] bool: the real tokens); empty tensors when ``texts`` is.
+    """
+    if not texts:
+        return torch.zeros(0, 0, 0, device=device), torch.zeros(0, 0, dtype=torch.bool, device=device)
+    ids, attn = pad_batch(tok(list(texts))["input_ids"], pad_id(tok))
+    x = module_input(model, module, input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False)
+    return x.to(torch.float32), attn.bool().to(device)
+
+
+def scores_at(x: torch.Tensor, mask: torch.Tensor, delta: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """The running-mean scores under ``delta`` of the rows ``x`` [N, L, d_in] at the positions ``mask``."""
+    if not x.numel():
+        return x.new_zeros(0)
+    return running_mean(token_scores(side_delta(x, delta, transposed)))[mask]
 
 
 def _mean_violation(x: torch.Tensor) -> torch.Tensor:
@@ -123,8 +143,12 @@ def _mean_violation(x: torch.Tensor) -> torch.Tensor:
 def margin_loss(run_mean: torch.Tensor, decide: torch.Tensor, n_edit: int, alpha: float, beta: float,
                 gamma: float) -> torch.Tensor:
     """The paper's routing margins on running-mean scores [B, L] (edit rows first, ``n_edit`` of them)."""
-    s_edit = run_mean[:n_edit][decide[:n_edit]]
-    s_irr = run_mean[n_edit:][decide[n_edit:]]
+    return margins(run_mean[:n_edit][decide[:n_edit]], run_mean[n_edit:][decide[n_edit:]], alpha, beta, gamma)
+
+
+def margins(s_edit: torch.Tensor, s_irr: torch.Tensor, alpha: float, beta: float, gamma: float) -> torch.Tensor:
+    """The paper's routing margins on the edit scores ``s_edit`` and the irrelevant ones ``s_irr`` (1-D):
+    ``mean⁺(s_irr - α) + mean⁺(β - s_edit) + mean⁺(γ - (s_edit - max s_irr))``."""
     loss = _mean_violation(beta - s_edit)
     if s_irr.numel():
         loss = loss + _mean_violation(s_irr - alpha) + _mean_violation(gamma - (s_edit - s_irr.max()))
@@ -201,18 +225,30 @@ def train_shard(model: nn.Module, tok: Any, hook: WiseHook, module: nn.Module, m
 
     ``hp`` is the algorithm's ``wise.WiseHparams`` (not imported here: wise.py imports this module).
     ``basis``: when given, each masked step is made orthogonal to it on the input side
-    (``project_input_side``; ``project_out`` in ``WiseHparams``).
+    (``project_input_side``; ``project_out`` in ``WiseHparams``). The irrelevant rows' scores come from
+    their layer inputs, read once (``layer_inputs``): their logits are never needed. With
+    ``hp.replay`` or ``hp.live_threshold`` the edit rows' layer inputs are kept in ``memory``
+    (``Memory.add_keys``); ``replay`` > 0 adds that many stored rows of earlier edits (drawn per batch)
+    to the edit side of the margins; ``live_threshold`` sets ``min_score`` from the current scores of
+    every stored row instead of the running minimum of the scores each edit had when it was trained.
 
     Returns:
         Losses and scores for the report (``loss_first``, ``loss_final``, ``nll_final``, ``steps``,
-        ``edit_score_min``, ``irrelevant_score_max``).
+        ``edit_score_min``, ``irrelevant_score_max``, ``fast_forward``).
 
     Raises:
         AlgorithmError: a non-finite loss.
     """
     device = memory.delta.device
-    batch, decide, owner, n_edit = _rows(tok, requests, templates, irrelevant, device)
-    edit = TargetBatch(batch.input_ids[:n_edit], batch.attention_mask[:n_edit], batch.label_mask[:n_edit])
+    replay, live = hp.replay, hp.live_threshold
+    edit, decide, owner = _rows(tok, requests, templates, device)
+    irr_x, irr_mask = layer_inputs(model, tok, module, irrelevant, device)
+    old_x, old_mask = memory.keys, memory.key_mask
+    if replay and old_x is not None and old_mask is not None and old_x.shape[0] > replay:
+        pick = torch.randperm(old_x.shape[0])[:replay]
+        old_x, old_mask = old_x[pick], old_mask[pick]
+    if not replay or old_x is None or old_mask is None:
+        old_x, old_mask = irr_x.new_zeros(0, 0, 0), irr_mask.new_zeros(0, 0)
     delta = memory.delta.clone().requires_grad_(True)
     mask = mask.to(device)
     losses: list[float] = []
@@ -221,12 +257,14 @@ def train_shard(model: nn.Module, tok: Any, hook: WiseHook, module: nn.Module, m
         hooks.output(module, hook)
         hook.training = delta
         try:
-            forward = UpperForward(model, batch, hp.layer)
-            rows, cols = decide[:n_edit].nonzero(as_tuple=True)
+            forward = UpperForward(model, edit, hp.layer)
+            rows, cols = decide.nonzero(as_tuple=True)
             for _ in range(hp.num_steps):
                 nll = target_positions_nll(forward(rows, cols), edit, rows, cols)
-                loss = nll + hp.margin_weight * margin_loss(running_mean(hook.scores), decide, n_edit, hp.alpha, hp.beta,
-                                                             hp.gamma)
+                s_edit = torch.cat([running_mean(hook.scores)[decide],
+                                    scores_at(old_x, old_mask, delta, hook.transposed)])
+                s_irr = scores_at(irr_x, irr_mask, delta, hook.transposed)
+                loss = nll + hp.margin_weight * margins(s_edit, s_irr, hp.alpha, hp.beta, hp.gamma)
                 losses.append(float(loss.detach()))
                 if not math.isfinite(losses[-1]):
                     raise AlgorithmError(f"wise: non-finite loss at step {len(losses) - 1}")
@@ -242,15 +280,22 @@ def train_shard(model: nn.Module, tok: Any, hook: WiseHook, module: nn.Module, m
                         delta.clamp_(-hp.norm_constraint, hp.norm_constraint)
             with torch.no_grad():
                 forward(rows[:1], cols[:1])
-                run_mean = running_mean(hook.scores)
+                run_mean, edit_inputs = running_mean(hook.scores), hook.inputs
         finally:
-            hook.training, hook.scores = None, None
-    at = torch.where(decide[:n_edit], run_mean[:n_edit], torch.full_like(run_mean[:n_edit], torch.inf)).amin(1)
+            hook.training, hook.scores, hook.inputs = None, None, None
+    at = torch.where(decide, run_mean, torch.full_like(run_mean, torch.inf)).amin(1)
     per_request = torch.full((len(requests),), torch.inf, device=device).scatter_reduce(0, owner, at, "amin")
-    irr = run_mean[n_edit:][decide[n_edit:]]
+    with torch.no_grad():
+        irr = scores_at(irr_x, irr_mask, delta.detach(), hook.transposed)
     memory.delta = delta.detach()
     memory.edits += len(requests)
-    memory.min_score = min(memory.min_score, float(per_request.min()))
+    if (replay or live) and edit_inputs is not None:
+        width = int(decide.any(0).nonzero().max()) + 1  # nothing after the last scored position matters
+        memory.add_keys(edit_inputs[:, :width], decide[:, :width])
+    if live:
+        memory.min_score = float(stored_scores(memory, memory.delta, hook.transposed).min())
+    else:
+        memory.min_score = min(memory.min_score, float(per_request.min()))
     return {"loss_first": losses[0], "loss_final": losses[-1], "nll_final": float(nll.detach()),
             "steps": float(len(losses)), "edit_score_min": float(per_request.min()),
             "irrelevant_score_max": float(irr.max()) if irr.numel() else 0.0, "fast_forward": float(forward.fast)}
