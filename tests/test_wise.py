@@ -12,7 +12,7 @@ from harness import EditRequest
 from harness.algorithms.hooks import Hooks
 from harness.algorithms.base import AlgorithmError
 from harness.algorithms.wise import IrrelevantHparams, Wise, load_irrelevant
-from harness.algorithms.wise_train import margin_loss
+from harness.algorithms.wise_train import margins
 from harness.algorithms.wise_memory import (SideMemory, WiseHook, gradient_mask, route, running_mean, ties_merge,
                                             trim)
 from harness.models import tiny_model
@@ -103,12 +103,11 @@ def test_side_memory_shards_merge_and_state_round_trip() -> None:
 
 
 def test_margin_loss_is_zero_when_the_margins_hold() -> None:
-    decide = torch.tensor([[False, True, True], [True, True, False]])
-    good = torch.tensor([[0.0, 25.0, 30.0], [1.0, 2.0, 99.0]])  # edit row first, then an irrelevant row
-    assert float(margin_loss(good, decide, 1, alpha=5.0, beta=20.0, gamma=10.0)) == 0.0
-    bad = torch.tensor([[0.0, 15.0, 30.0], [1.0, 8.0, 99.0]])  # edit 15 < beta 20; irrelevant 8 > alpha 5
+    good_edit, good_irr = torch.tensor([25.0, 30.0]), torch.tensor([1.0, 2.0])  # the scored positions
+    assert float(margins(good_edit, good_irr, alpha=5.0, beta=20.0, gamma=10.0)) == 0.0
+    bad_edit, bad_irr = torch.tensor([15.0, 30.0]), torch.tensor([1.0, 8.0])  # edit 15 < beta 20; irrelevant 8 > alpha 5
     # mean⁺(beta - s_edit) = 5, mean⁺(s_irr - alpha) = 3, gap: 10 - (15 - 8) = 3 (30 - 8 leaves none)
-    assert float(margin_loss(bad, decide, 1, alpha=5.0, beta=20.0, gamma=10.0)) == pytest.approx(11.0)
+    assert float(margins(bad_edit, bad_irr, alpha=5.0, beta=20.0, gamma=10.0)) == pytest.approx(11.0)
 
 
 def test_irrelevant_pool_formats(tmp_path: Path) -> None:

@@ -30,7 +30,6 @@ templates come from the base model (``prepare``).
 """
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections import Counter
@@ -45,7 +44,7 @@ from harness.algorithms.base import EditAlgorithm, register, write_deltas
 from harness.algorithms.hparams import build_blocks
 from harness.algorithms.hooks import Hooks, first_input, model_device
 from harness.algorithms.locate import TemplateCache, TemplateHparams, fill_template
-from harness.algorithms.replay import prefix_cache
+from harness.algorithms.replay import fresh_cache, prefix_cache
 from harness.models import cache_kwargs, get_module, model_spec, num_layers
 from harness.tokens import encode_pairs
 from harness.types import EditReport, EditRequest
@@ -222,7 +221,7 @@ class KnowledgeNeurons(EditAlgorithm):
         def run(hooks_on: dict[int, Any]) -> torch.Tensor:
             kw: dict[str, Any] = {"input_ids": last_ids, "use_cache": cache is not None}
             if cache is not None:
-                kw.update(cache_kwargs(model, copy.deepcopy(cache)))
+                kw.update(cache_kwargs(model, fresh_cache(cache)))
             with Hooks() as hooks:
                 for layer, fn in hooks_on.items():
                     hooks.input(get_module(model, spec.mlp_out.format(layer)), fn)

@@ -293,9 +293,9 @@ class Wise(EditAlgorithm):
         mem.edits_total += len(requests)
         if sum(m.edits for m in mem.pending) + mem.active.edits >= hp.merge_every:
             mem.merge(hp.merge_density, hp.retrieve)
-            if hp.live_threshold:
-                for m in mem.merged:
-                    m.min_score = float(stored_scores(m, m.delta, transposed).min())
+            if hp.live_threshold:  # only the memory just merged (always the last) has a new Δ
+                newest = mem.merged[-1]
+                newest.min_score = float(stored_scores(newest, newest.delta, transposed).min())
         return info
 
     def reset_state(self) -> None:

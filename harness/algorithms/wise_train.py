@@ -14,9 +14,10 @@ from torch import nn
 from harness.algorithms.base import AlgorithmError
 from harness.algorithms.batches import TargetBatch
 from harness.algorithms.finetune import trainable
-from harness.algorithms.hooks import (Hooks, StopForward, first_input, hidden_of, logit_head, module_input,
+from harness.algorithms.hooks import (Hooks, StopForward, hidden_of, logit_head, module_input,
                                      run_to_stop)
 from harness.algorithms.locate import fill_template
+from harness.algorithms.stats import accumulate
 from harness.algorithms.wise_memory import Memory, WiseHook, running_mean, side_delta, stored_scores, token_scores
 from harness.models import get_module, model_spec, num_layers
 from harness.tokens import encode_pairs, pad_batch, pad_id
@@ -43,11 +44,11 @@ def projection(model: nn.Module, layer: int) -> tuple[nn.Module, nn.Parameter, b
     return module, module.weight, spec.out_transposed
 
 
-@torch.no_grad()
 def activation_basis(model: nn.Module, tok: Any, module: nn.Module, texts: Sequence[str], k: int,
                      batch_size: int = 16) -> torch.Tensor:
     """The top ``k`` eigenvectors of the uncentred second moment ``E[a aᵀ]`` of ``module``'s input
     (the FFN activation) over every real token of ``texts``: the directions generic text occupies.
+    The moment is ``stats.accumulate``'s (the forward stops at ``module``).
 
     Returns:
         [d_in, k] float32 with orthonormal columns, on the module's device.
@@ -55,26 +56,18 @@ def activation_basis(model: nn.Module, tok: Any, module: nn.Module, texts: Seque
     Raises:
         ValueError: ``k`` not in ``1 .. d_in - 1``, or no tokens in ``texts``.
     """
-    seen: list[torch.Tensor] = []
-    device = next(module.parameters()).device
-    moment: Optional[torch.Tensor] = None
-    count = 0
-    with Hooks() as hooks:
-        hooks.input(module, lambda _m, args, kwargs: seen.append(first_input(args, kwargs)))
-        for i in range(0, len(texts), batch_size):
-            ids, attn = pad_batch(tok(list(texts[i:i + batch_size]))["input_ids"], pad_id(tok))
-            seen.clear()
-            model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False)
-            acts = seen[0][attn.to(device).bool()].to(torch.float64)
-            moment = acts.T @ acts if moment is None else moment + acts.T @ acts
-            count += acts.shape[0]
-    if moment is None or count == 0:
+    name = next(n for n, m in model.named_modules() if m is module)
+    seqs = [ids for ids in tok(list(texts))["input_ids"] if ids] if texts else []
+    sums, count = accumulate(model, tok, [name], seqs, torch.float64, batch_size) if seqs else ({}, 0)
+    if count == 0:
         raise ValueError("wise: project_out needs irrelevant texts with tokens to estimate the activation basis")
+    moment = sums[name]
     if not 1 <= k < moment.shape[0]:
         raise ValueError(f"wise: project_out must be in 1 .. {moment.shape[0] - 1} (the projection's input "
                          f"width minus one), got {k}")
     _, vectors = torch.linalg.eigh(moment / count)
-    return vectors[:, -k:].flip(-1).to(torch.float32).contiguous()
+    device = next(module.parameters()).device
+    return vectors[:, -k:].flip(-1).to(device=device, dtype=torch.float32).contiguous()
 
 
 def project_input_side(grad: torch.Tensor, basis: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -138,12 +131,6 @@ def _mean_violation(x: torch.Tensor) -> torch.Tensor:
     """Mean of the positive entries of ``x`` (0 when none): the reference's hinge averaging."""
     pos = x[x > 0]
     return pos.mean() if pos.numel() else x.new_zeros(())
-
-
-def margin_loss(run_mean: torch.Tensor, decide: torch.Tensor, n_edit: int, alpha: float, beta: float,
-                gamma: float) -> torch.Tensor:
-    """The paper's routing margins on running-mean scores [B, L] (edit rows first, ``n_edit`` of them)."""
-    return margins(run_mean[:n_edit][decide[:n_edit]], run_mean[n_edit:][decide[n_edit:]], alpha, beta, gamma)
 
 
 def margins(s_edit: torch.Tensor, s_irr: torch.Tensor, alpha: float, beta: float, gamma: float) -> torch.Tensor:
